@@ -1,0 +1,44 @@
+"""tformer: Transformer blocks where the placement of normalization is a first-class design axis.
+
+Any registered norm (``NORMS``) goes in any registered placement (``PLACEMENTS``) around
+attention on any backend (``BACKENDS``); see ``BlockConfig``.
+"""
+
+from .backends import BACKENDS
+from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
+from .config import BlockConfig
+from .deepnorm import deepnorm_constants
+from .errors import CheckpointError, ConfigError
+from .feedforward import ACTIVATIONS
+from .init import INIT_SCHEMES
+from .interop import from_torch
+from .models import POSITIONS, EncoderDecoder, LanguageModel
+from .norms import NORMS, make_norm
+from .placements import PLACEMENTS, LayerContext, ResidualPlacement
+from .stacks import Decoder, Encoder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "INIT_SCHEMES",
+    "NORMS",
+    "PLACEMENTS",
+    "POSITIONS",
+    "BlockConfig",
+    "CheckpointError",
+    "ConfigError",
+    "Decoder",
+    "DecoderBlock",
+    "Encoder",
+    "EncoderBlock",
+    "EncoderDecoder",
+    "LanguageModel",
+    "LayerContext",
+    "ResidualPlacement",
+    "TransformerBlock",
+    "deepnorm_constants",
+    "from_torch",
+    "make_norm",
+]

@@ -1,0 +1,94 @@
+"""Multi-head self- and cross-attention sublayers over the backends in ``backends.py``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from .backends import BACKENDS
+from .init import INIT_SCHEMES, BranchInit, zero_bias_
+
+if TYPE_CHECKING:
+    from .config import BlockConfig
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention, batch-first ``(batch, seq, d_model) -> (batch, seq, d_model)``.
+
+    Self-attention projects queries, keys and values with one fused ``qkv`` matrix (rows
+    ``[q; k; v]``, the layout of ``nn.MultiheadAttention.in_proj_weight``); cross-attention has
+    ``q`` for the queries and a fused ``kv`` for the memory. ``out`` projects back. With
+    ``cfg.qk_norm`` queries and keys are RMS-normalized per head before the dot product
+    (QK-norm as in Gemma 3). ``cfg.attn_dropout`` drops attention probabilities in training.
+    """
+
+    def __init__(self, cfg: BlockConfig, *, causal: bool = False, cross: bool = False):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, d // cfg.n_heads
+        self.causal, self.cross = causal, cross
+        self.backend_name = cfg.attention
+        self.backend = BACKENDS[cfg.attention]
+        self.attn_dropout = cfg.attn_dropout
+        self.init_scheme = cfg.init
+        if cross:
+            self.q = nn.Linear(d, d, bias=cfg.bias)
+            self.kv = nn.Linear(d, 2 * d, bias=cfg.bias)
+        else:
+            self.qkv = nn.Linear(d, 3 * d, bias=cfg.bias)
+        self.out = nn.Linear(d, d, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        padding_mask: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``x``: (batch, seq, d_model). Cross-attention reads ``memory`` (batch, mem_seq, d_model)."""
+        if self.cross:
+            if memory is None:
+                raise ValueError("cross-attention needs `memory` (the encoder output), got None")
+            q = self.q(x)
+            k, v = self.kv(memory).chunk(2, dim=-1)
+            q_padding_mask, kv_padding_mask = None, memory_padding_mask
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q_padding_mask = kv_padding_mask = padding_mask
+        q, k, v = (rearrange(t, "b s (h d) -> b s h d", h=self.n_heads) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = self.backend(
+            q, k, v,
+            causal=self.causal,
+            q_padding_mask=q_padding_mask,
+            kv_padding_mask=kv_padding_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )  # (batch, seq, heads, head_dim)
+        return self.out(rearrange(out, "b s h d -> b s (h d)"))
+
+    def reset_parameters(self, branch: BranchInit = BranchInit()) -> None:
+        """Query/key weights get gain 1; value and output weights the placement's branch gain."""
+        scheme = INIT_SCHEMES[self.init_scheme]
+        d = self.n_heads * self.head_dim
+        if self.cross:
+            scheme.linear_(self.q.weight, 1.0, branch.normal)
+            scheme.blocks_(self.kv.weight, d, [1.0, branch.gain], branch.normal)
+            projections = (self.q, self.kv, self.out)
+        else:
+            scheme.blocks_(self.qkv.weight, d, [1.0, 1.0, branch.gain], branch.normal)
+            projections = (self.qkv, self.out)
+        scheme.linear_(self.out.weight, branch.gain, branch.normal)
+        for linear in projections:
+            zero_bias_(linear)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
