@@ -101,7 +101,7 @@ def math_attention(q, k, v, *, causal=False, q_padding_mask=None, kv_padding_mas
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * _default_scale(q, scale)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)

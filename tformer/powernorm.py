@@ -79,7 +79,7 @@ class PowerNormFunction(torch.autograd.Function):
         g = grad_y * weight if weight is not None else grad_y
         g_tilde = g - ((1.0 - ctx.alpha_bwd) * nu).to(g.dtype) * xhat
         grad_x = g_tilde * torch.rsqrt(batch_psi2 + ctx.eps).to(g.dtype)
-        nu.add_(masked_channel_mean((g_tilde * xhat).float(), keep))
+        nu.add_(masked_channel_mean((g_tilde * xhat).to(nu.dtype), keep))
         dims = tuple(range(grad_y.dim() - 1))
         grad_w = (grad_y * xhat).sum(dims) if weight is not None else None
         grad_b = grad_y.sum(dims) if ctx.has_bias else None
@@ -124,9 +124,10 @@ class PowerNorm(nn.Module):
             y = y * self.weight
             return y + self.bias if self.bias is not None else y
 
-        keep = None if padding_mask is None else (~padding_mask).unsqueeze(-1).to(torch.float32)
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)  # half-precision inputs: fp32 statistics
+        keep = None if padding_mask is None else (~padding_mask).unsqueeze(-1).to(stat_dtype)
         with torch.no_grad():
-            batch_psi2 = masked_channel_mean(x.detach().float().square(), keep)
+            batch_psi2 = masked_channel_mean(x.detach().to(stat_dtype).square(), keep).to(self.running_psi2.dtype)
             self.iters += 1
             in_warmup = self.iters <= self.warmup_iters
             psi2 = torch.where(in_warmup, batch_psi2, self.running_psi2)

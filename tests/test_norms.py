@@ -1,0 +1,107 @@
+import pytest
+import torch
+from torch import nn
+
+import tformer
+from tformer import ConfigError, make_norm
+from tformer.norms import NORMS
+
+D = 8
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return module
+
+
+def test_layernorm_matches_torch():
+    ours = _randomize(make_norm("layernorm", D, eps=1e-6)).double()
+    ref = nn.LayerNorm(D, eps=1e-6).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(ours(x), ref(x_ref), rtol=0, atol=1e-12)
+    ours(x).pow(2).sum().backward()
+    ref(x_ref).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+
+
+def test_layernorm_without_bias():
+    norm = make_norm("layernorm", D, bias=False)
+    assert norm.bias is None
+
+
+def test_rmsnorm_formula_and_torch_parity():
+    ours = _randomize(make_norm("rmsnorm", D, eps=1e-6)).double()
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    expected = ours.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(ours(x), expected, rtol=0, atol=1e-12)
+    ref = nn.RMSNorm(D, eps=1e-6).double()
+    ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-12)
+
+
+def test_dyt_formula():
+    norm = _randomize(make_norm("dyt", D, alpha_init=0.7)).double()
+    assert norm.alpha_init == 0.7
+    x = torch.randn(2, 4, D, dtype=torch.float64)
+    expected = norm.weight * torch.tanh(norm.alpha * x) + norm.bias
+    torch.testing.assert_close(norm(x), expected, rtol=0, atol=1e-12)
+    assert make_norm("dyt", D).alpha.item() == 0.5
+
+
+def test_none_is_identity():
+    x = torch.randn(2, 3, D)
+    assert make_norm("none", D)(x) is x
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_every_norm_shape_and_padding_argument(name):
+    norm = make_norm(name, D)
+    x = torch.randn(2, 5, D)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    assert norm(x, padding_mask=pad).shape == x.shape
+    assert norm(x).shape == x.shape
+
+
+@pytest.mark.parametrize("name", [n for n in NORMS if n != "powernorm"])
+def test_gradcheck_exact_norms(name):
+    """Every norm but PowerNorm (whose backward is approximate by design) has the exact gradient."""
+    norm = _randomize(make_norm(name, D)).double()
+    x = torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
+    params = tuple(norm.parameters())
+    assert torch.autograd.gradcheck(lambda x, *p: norm(x), (x, *params))
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_padding_contents_do_not_change_real_positions(name):
+    norm = make_norm(name, D)
+    x = torch.randn(3, 6, D)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[2, 1:] = True
+    garbage = torch.where(pad[..., None], torch.randn_like(x) * 100, x)
+    state = {k: v.clone() for k, v in norm.state_dict().items()}
+    y1 = norm(x, padding_mask=pad)
+    after_first = {k: v.clone() for k, v in norm.state_dict().items()}
+    norm.load_state_dict(state)
+    y2 = norm(garbage, padding_mask=pad)
+    torch.testing.assert_close(y1[~pad], y2[~pad])
+    for key, value in norm.state_dict().items():
+        torch.testing.assert_close(value, after_first[key])
+
+
+def test_make_norm_errors():
+    with pytest.raises(ConfigError, match=r"norm='batchnorm'.*'layernorm'.*'rmsnorm'"):
+        make_norm("batchnorm", D)
+    with pytest.raises(ConfigError, match=r"alpha_init"):
+        make_norm("dyt", D, alpha=1.0)
+    with pytest.raises(ConfigError, match="none"):
+        make_norm("rmsnorm", D, warmup_iters=3)
+
+
+def test_deepnorm_alias_is_layernorm():
+    assert isinstance(make_norm("deepnorm", D), tformer.norms.LayerNorm)
