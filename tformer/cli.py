@@ -21,6 +21,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid(args: argparse.Namespace) -> int:
+    from tformer.grid import grid_markdown, run_grid
+
+    rows = run_grid(d_model=args.d_model, n_layers=args.layers, attention=args.attention)
+    print(f"Residual-stream RMS after a {args.layers}-layer encoder at initialization "
+          f"(d_model={args.d_model}, attention={args.attention!r}); every cell also ran a decoder "
+          f"with cross-attention forward and backward:\n")
+    print(grid_markdown(rows))
+    failed = [r for r in rows if not (r.finite and r.all_params_get_grad)]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} combinations ran with finite outputs and "
+          f"gradients for every parameter ({sum(r.seconds for r in rows):.1f} s).")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer",
@@ -32,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                                            "backends, and which backend attention='auto' picks on a device.")
     info.add_argument("--device", default="cpu", help="device to resolve attention='auto' for (default: cpu)")
     info.set_defaults(run=_info)
+
+    grid = commands.add_parser("grid", help="run every norm x placement combination once and print the grid",
+                               description="Build a small encoder and decoder for every registered norm x "
+                                           "placement, run forward and backward on padded random data, and print "
+                                           "the residual-stream RMS at initialization as a markdown table. "
+                                           "Exits non-zero if any combination gives non-finite values or leaves "
+                                           "a parameter without a gradient.")
+    grid.add_argument("--d-model", type=int, default=64, help="model width (default: 64)")
+    grid.add_argument("--layers", type=int, default=6, help="layers per stack (default: 6)")
+    grid.add_argument("--attention", default="auto", help="attention backend (default: auto)")
+    grid.set_defaults(run=_grid)
     return parser
 
 

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+
+import tformer
+from tformer.cli import main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "'auto' runs 'sdpa' on cpu" in out
+    for name in list(tformer.NORMS) + list(tformer.PLACEMENTS):
+        assert name in out
+
+
+def test_grid_runs_every_combination(capsys):
+    assert main(["grid", "--d-model", "16", "--layers", "2"]) == 0
+    out = capsys.readouterr().out
+    n = len(tformer.NORMS) * len(tformer.PLACEMENTS)
+    assert f"{n} of {n} combinations ran" in out
+    header = next(line for line in out.splitlines() if line.startswith("| norm"))
+    assert all(p in header for p in tformer.PLACEMENTS)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| norm")]
+    assert [r.split("|")[1].strip() for r in rows] == list(tformer.NORMS)
+    post_layernorm = float(rows[0].split("|")[2])
+    assert post_layernorm == pytest.approx(1.0, abs=0.01)  # Post-LN ends every block on a norm
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["info", "--help"], ["grid", "--help"]])
+def test_help(argv):
+    result = subprocess.run([sys.executable, "-m", "tformer", *argv], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "usage: tformer" in result.stdout
+
+
+def test_missing_command_is_an_error():
+    result = subprocess.run([sys.executable, "-m", "tformer"], capture_output=True, text=True)
+    assert result.returncode == 2 and "required: COMMAND" in result.stderr
