@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
 from .config import BlockConfig
 from .feedforward import FeedForward
 from .placements import LayerContext, ResidualPlacement, build_placement
+
+
+def check_inputs(x: Tensor, padding_mask: Tensor | None, d_model: int, what: str = "x") -> None:
+    """Raise a clear error for a wrongly shaped input or a padding mask that is not (batch, seq) bool."""
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{what} must have shape (batch, seq, {d_model}), got {tuple(x.shape)}")
+    if padding_mask is not None:
+        if padding_mask.dtype != torch.bool:
+            raise TypeError(f"the padding mask for {what} must be a bool tensor (True = padding), got {padding_mask.dtype}")
+        if tuple(padding_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"the padding mask for {what} must have shape (batch, seq) = {tuple(x.shape[:2])}, "
+                f"got {tuple(padding_mask.shape)}"
+            )
 
 
 class TransformerBlock(nn.Module):
@@ -67,6 +82,7 @@ class EncoderBlock(TransformerBlock):
         self.reset_parameters()
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+        check_inputs(x, padding_mask, self.cfg.d_model)
         x = self.attn_residual(x, partial(self.attn, padding_mask=padding_mask), padding_mask)
         return self.ffn_residual(x, self.ffn, padding_mask)
 
@@ -102,10 +118,12 @@ class DecoderBlock(TransformerBlock):
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
     ) -> Tensor:
+        check_inputs(x, padding_mask, self.cfg.d_model)
         x = self.attn_residual(x, partial(self.attn, padding_mask=padding_mask), padding_mask)
         if self.has_cross_attention:
             if memory is None:
                 raise ValueError("this DecoderBlock has cross-attention and needs `memory`, got None")
+            check_inputs(memory, memory_padding_mask, self.cfg.d_model, what="memory")
             cross = partial(self.cross_attn, memory=memory, memory_padding_mask=memory_padding_mask)
             x = self.cross_attn_residual(x, cross, padding_mask)
         elif memory is not None:
