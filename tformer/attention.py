@@ -75,6 +75,10 @@ class MultiHeadAttention(nn.Module):
         )  # (batch, seq, heads, head_dim)
         return self.out(rearrange(out, "b s h d -> b s (h d)"))
 
+    def extra_repr(self) -> str:
+        kind = "cross" if self.cross else ("causal self" if self.causal else "self")
+        return f"{kind}-attention, heads={self.n_heads}, head_dim={self.head_dim}, backend={self.backend_name!r}"
+
     def reset_parameters(self, branch: BranchInit = BranchInit()) -> None:
         """Query/key weights get gain 1; value and output weights the placement's branch gain."""
         scheme = INIT_SCHEMES[self.init_scheme]

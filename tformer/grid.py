@@ -24,13 +24,6 @@ class GridRow:
     seconds: float
 
 
-def _residual_rms(stack, x: torch.Tensor, **kwargs) -> float:
-    h = x
-    for block in stack.layers:
-        h = block(h, **kwargs)
-    return h.pow(2).mean().sqrt().item()
-
-
 def run_grid(
     d_model: int = 64, n_heads: int = 4, n_layers: int = 6, seq_len: int = 32, batch: int = 4,
     attention: str = "auto", seed: int = 0,
@@ -49,15 +42,17 @@ def run_grid(
             x = torch.randn(batch, seq_len, d_model)
             pad = torch.zeros(batch, seq_len, dtype=torch.bool)
             pad[-1, seq_len // 2 :] = True
-            memory = encoder(x, padding_mask=pad)
+            residual = x
+            for block in encoder.layers:
+                residual = block(residual, padding_mask=pad)
+            memory = residual if encoder.final_norm is None else encoder.final_norm(residual, pad)
             y = decoder(x, padding_mask=pad, memory=memory, memory_padding_mask=pad)
             y[~pad].pow(2).mean().backward()
             params = list(encoder.parameters()) + list(decoder.parameters())
             finite = bool(torch.isfinite(y).all()) and all(
                 p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params
             )
-            with torch.no_grad():
-                rms = _residual_rms(encoder, x, padding_mask=pad)
+            rms = residual.detach().pow(2).mean().sqrt().item()
             rows.append(GridRow(norm, placement, rms, finite, all(p.grad is not None for p in params),
                                 time.perf_counter() - start))
     return rows

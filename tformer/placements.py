@@ -75,46 +75,49 @@ class ResidualPlacement(nn.Module):
         raise NotImplementedError
 
 
-Builder = Callable[[NormFactory, LayerContext, float], ResidualPlacement]
-PLACEMENTS: Registry[Builder] = Registry("placement")
-
-
-@PLACEMENTS.register("post")
-class PostNorm(ResidualPlacement):
-    """Post-LN, the original Transformer (Vaswani et al. 2017): ``x <- Norm(x + F(x))``."""
-
-    name = "post"
+class SingleNormPlacement(ResidualPlacement):
+    """A placement with one norm, ``self.norm``."""
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
         super().__init__(make_norm, layer, dropout)
         self.norm = make_norm()
+
+
+Builder = Callable[[NormFactory, LayerContext, float], ResidualPlacement]
+PLACEMENTS: Registry[Builder] = Registry("placement")
+
+
+def register(cls: type[ResidualPlacement]) -> type[ResidualPlacement]:
+    """Register a placement class under its ``name``."""
+    return PLACEMENTS.register(cls.name)(cls)
+
+
+@register
+class PostNorm(SingleNormPlacement):
+    """Post-LN, the original Transformer (Vaswani et al. 2017): ``x <- Norm(x + F(x))``."""
+
+    name = "post"
 
     def forward(self, x, sublayer, padding_mask=None):
         return self.norm(x + self.dropout(sublayer(x)), padding_mask)
 
 
-@PLACEMENTS.register("pre")
-class PreNorm(ResidualPlacement):
+@register
+class PreNorm(SingleNormPlacement):
     """Pre-LN (Xiong et al. 2020): ``x <- x + F(Norm(x))``; the stack closes with a final norm."""
 
     name = "pre"
-
     needs_final_norm = True
-
-    def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
-        super().__init__(make_norm, layer, dropout)
-        self.norm = make_norm()
 
     def forward(self, x, sublayer, padding_mask=None):
         return x + self.dropout(sublayer(self.norm(x, padding_mask)))
 
 
-@PLACEMENTS.register("sandwich")
+@register
 class SandwichNorm(ResidualPlacement):
     """Sandwich-LN (Ding et al. 2021, CogView; Peri-LN): ``x <- x + Norm_out(F(Norm_in(x)))``."""
 
     name = "sandwich"
-
     needs_final_norm = True
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
@@ -127,8 +130,8 @@ class SandwichNorm(ResidualPlacement):
         return x + self.dropout(branch)
 
 
-@PLACEMENTS.register("deepnorm")
-class DeepNorm(ResidualPlacement):
+@register
+class DeepNorm(SingleNormPlacement):
     """DeepNorm (Wang et al. 2022): ``x <- Norm(alpha * x + F(x))``, branch init Xavier-normal gain beta.
 
     alpha scales the residual ``x``, not ``F(x)``; both constants come from the layer's stack
@@ -139,7 +142,6 @@ class DeepNorm(ResidualPlacement):
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
         super().__init__(make_norm, layer, dropout)
-        self.norm = make_norm()
         self.alpha, beta = layer.deepnorm()
         self.branch_init = BranchInit(gain=beta, normal=True)
 
@@ -150,23 +152,18 @@ class DeepNorm(ResidualPlacement):
         return f"alpha={self.alpha:.4f}, beta={self.branch_init.gain:.4f}"
 
 
-@PLACEMENTS.register("output")
-class OutputNorm(ResidualPlacement):
+@register
+class OutputNorm(SingleNormPlacement):
     """Output-only ("reordered") norm, OLMo 2: ``x <- x + Norm(F(x))``; the stack closes with a final norm."""
 
     name = "output"
-
     needs_final_norm = True
-
-    def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
-        super().__init__(make_norm, layer, dropout)
-        self.norm = make_norm()
 
     def forward(self, x, sublayer, padding_mask=None):
         return x + self.dropout(self.norm(sublayer(x), padding_mask))
 
 
-@PLACEMENTS.register("rezero")
+@register
 class ReZero(ResidualPlacement):
     """ReZero (Bachlechner et al. 2020): ``x <- x + a * F(x)``, scalar ``a`` initialized to 0, no norm.
 
@@ -183,20 +180,18 @@ class ReZero(ResidualPlacement):
         return x + self.resweight * self.dropout(sublayer(x))
 
 
-@PLACEMENTS.register("lnscaling")
-class ScaledPreNorm(ResidualPlacement):
+@register
+class ScaledPreNorm(SingleNormPlacement):
     """LayerNorm scaling (Sun et al. 2025): Pre-LN with the norm output scaled by ``1/sqrt(l)``.
 
     ``l`` is the 1-based layer index; the stack's final norm is not scaled.
     """
 
     name = "lnscaling"
-
     needs_final_norm = True
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
         super().__init__(make_norm, layer, dropout)
-        self.norm = make_norm()
         self.scale = 1.0 / math.sqrt(layer.index + 1)
 
     def forward(self, x, sublayer, padding_mask=None):
