@@ -15,6 +15,7 @@ from .interop import from_torch
 from .models import POSITIONS, EncoderDecoder, LanguageModel
 from .norms import NORMS, make_norm
 from .placements import PLACEMENTS, LayerContext, ResidualPlacement
+from .schedulers import SCHEDULERS, make_scheduler
 from .stacks import Decoder, Encoder
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "NORMS",
     "PLACEMENTS",
     "POSITIONS",
+    "SCHEDULERS",
     "BlockConfig",
     "CheckpointError",
     "ConfigError",
@@ -41,4 +43,5 @@ __all__ = [
     "deepnorm_constants",
     "from_torch",
     "make_norm",
+    "make_scheduler",
 ]

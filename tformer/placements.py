@@ -3,7 +3,7 @@
 A placement wraps one sublayer ``F`` (attention, cross-attention or feed-forward) with its
 norm(s) and the residual connection. A block calls ``placement(x, F, padding_mask)`` and never
 looks at the placement's name, so every norm works with every placement and adding one is a
-class plus a ``@PLACEMENTS.register`` line.
+class plus a ``@register`` line.
 
 Residual-branch dropout is applied to the branch right before it joins the residual, the same
 site as ``torch.nn.TransformerEncoderLayer``'s ``dropout1``/``dropout2``.
