@@ -6,6 +6,7 @@ attention on any backend (``BACKENDS``); see ``BlockConfig``.
 
 from .backends import BACKENDS
 from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
+from .checkpoint import load, read_metadata, save
 from .config import BlockConfig
 from .deepnorm import deepnorm_constants
 from .errors import CheckpointError, ConfigError
@@ -44,4 +45,7 @@ __all__ = [
     "from_torch",
     "make_norm",
     "make_scheduler",
+    "load",
+    "read_metadata",
+    "save",
 ]

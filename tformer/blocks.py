@@ -43,6 +43,7 @@ class TransformerBlock(nn.Module):
         if not isinstance(cfg, BlockConfig):
             raise TypeError(f"expected a tformer.BlockConfig, got {type(cfg).__name__}")
         self.cfg, self.layer = cfg, layer
+        self.init_args = {"layer": layer}
 
     def _placement(self) -> ResidualPlacement:
         return build_placement(self.cfg.placement, self.cfg.norm_factory(), self.layer, self.cfg.dropout)
@@ -96,6 +97,7 @@ class DecoderBlock(TransformerBlock):
 
     def __init__(self, cfg: BlockConfig, cross_attention: bool = True, *, layer: LayerContext | None = None):
         super().__init__(cfg, layer or LayerContext("decoder"))
+        self.init_args["cross_attention"] = cross_attention
         self.sublayer_names = ("attn", "cross_attn", "ffn") if cross_attention else ("attn", "ffn")
         self.attn = MultiHeadAttention(cfg, causal=True)
         self.attn_residual = self._placement()

@@ -96,6 +96,8 @@ class LanguageModel(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
+        self.init_args = dict(n_layers=n_layers, vocab_size=vocab_size, max_seq_len=max_seq_len, positions=positions,
+                              tie_embeddings=tie_embeddings, placements=placements)
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
         self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements)
         self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings)
@@ -129,6 +131,11 @@ class EncoderDecoder(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
+        self.init_args = dict(
+            n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers, vocab_size=vocab_size,
+            max_seq_len=max_seq_len, positions=positions, tie_embeddings=tie_embeddings,
+            encoder_placements=encoder_placements, decoder_placements=decoder_placements,
+        )
         check_positive_int("n_encoder_layers", n_encoder_layers)
         check_positive_int("n_decoder_layers", n_decoder_layers)
         self.src_embedding = Embedding(cfg, vocab_size, max_seq_len, positions)

@@ -70,6 +70,7 @@ class Encoder(_Stack):
             cfg, n_layers, "encoder", n_decoder_layers, placements,
             lambda c, layer: EncoderBlock(c, layer=layer),
         )
+        self.init_args = dict(n_layers=n_layers, placements=placements, n_decoder_layers=n_decoder_layers)
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         """``x``: (batch, seq, d_model) -> (batch, seq, d_model)."""
@@ -99,6 +100,8 @@ class Decoder(_Stack):
             lambda c, layer: DecoderBlock(c, cross_attention, layer=layer),
         )
         self.cross_attention = cross_attention
+        self.init_args = dict(n_layers=n_layers, cross_attention=cross_attention, placements=placements,
+                              n_encoder_layers=n_encoder_layers)
 
     def forward(
         self,

@@ -1,0 +1,231 @@
+"""Checkpoints: one safetensors file per model, config and format version in its metadata.
+
+Nothing in a checkpoint is ever executed or unpickled: the header is parsed as JSON, the
+tensors are read by safetensors, and the model is rebuilt from a JSON description of its
+constructor arguments. Every way a file can be wrong raises ``CheckpointError`` naming the
+file and the problem. Writes are atomic: a temporary file in the same directory, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .blocks import DecoderBlock, EncoderBlock
+from .config import BlockConfig
+from .errors import CheckpointError, ConfigError
+from .models import EncoderDecoder, LanguageModel
+from .placements import LayerContext
+from .stacks import Decoder, Encoder
+
+FORMAT = "tformer"
+FORMAT_VERSION = "1"
+SUPPORTED_VERSIONS = (FORMAT_VERSION,)
+
+#: The classes ``save`` can write and ``load`` can rebuild, by name.
+SAVEABLE: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (LanguageModel, EncoderDecoder, Encoder, Decoder, EncoderBlock, DecoderBlock)
+}
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, rename it over ``path``.
+
+    An interruption at any point leaves either the old file or the new one under ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def _encode_args(value):
+    if isinstance(value, (BlockConfig, LayerContext)):
+        return {f"__{type(value).__name__}__": dataclasses.asdict(value)}
+    if isinstance(value, dict):
+        return {k: _encode_args(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_args(v) for v in value]
+    return value
+
+
+def _decode_args(value):
+    if isinstance(value, dict):
+        if set(value) == {"__BlockConfig__"}:
+            return BlockConfig(**value["__BlockConfig__"])
+        if set(value) == {"__LayerContext__"}:
+            return LayerContext(**value["__LayerContext__"])
+        return {k: _decode_args(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_args(v) for v in value]
+    return value
+
+
+def model_description(model: nn.Module) -> dict:
+    """``{"class": name, "args": constructor arguments}``: what ``load`` rebuilds a model from."""
+    name = type(model).__name__
+    if name not in SAVEABLE or not isinstance(model, SAVEABLE[name]):
+        raise TypeError(f"tformer.save writes {', '.join(SAVEABLE)}; got {type(model).__name__}")
+    return {"class": name, "args": _encode_args({"cfg": model.cfg, **model.init_args})}
+
+
+def build_model(description: dict) -> nn.Module:
+    """Rebuild a (freshly initialized) model from ``model_description``'s output."""
+    cls = SAVEABLE[description["class"]]
+    return cls(**_decode_args(description["args"]))
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a state dict into tensors to write and aliases (tied weights) pointing at them."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Write ``model`` (weights and buffers) to one ``.safetensors`` file at ``path``, atomically.
+
+    The file's metadata holds the model class, its constructor arguments (config included),
+    tformer's version, the format version and tied-weight aliases; ``metadata`` adds
+    JSON-serializable user fields (read back with ``read_metadata``).
+    """
+    from . import __version__
+
+    description = model_description(model)
+    tensors, aliases = _unique_tensors(model.state_dict())
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tformer_version": __version__,
+        "model": json.dumps(description),
+        "aliases": json.dumps(aliases),
+        "user": json.dumps(metadata or {}),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors JSON header, checked against the file's size (never executes anything)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: not a safetensors file, or truncated: its header claims {header_len} bytes "
+                f"but the file has {size}"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data_end = max((entry["data_offsets"][1] for key, entry in header.items()
+                    if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry), default=0)
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(
+            f"{path}: truncated: its tensors need {8 + header_len + data_end} bytes but the file has {size}"
+        )
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The tformer metadata of a checkpoint, parsed: format, versions, model description, user fields."""
+    path = Path(path)
+    metadata = _read_header(path).get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file without tformer metadata (not written by tformer.save)")
+    version = metadata.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is unknown; this tformer reads {', '.join(SUPPORTED_VERSIONS)}"
+        )
+    try:
+        parsed = {k: json.loads(metadata[k]) for k in ("model", "aliases", "user")}
+    except (KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: damaged tformer metadata ({type(error).__name__}: {error})") from None
+    model = parsed["model"]
+    if not isinstance(model, dict) or model.get("class") not in SAVEABLE or not isinstance(model.get("args"), dict):
+        raise CheckpointError(
+            f"{path}: unknown model class {model.get('class') if isinstance(model, dict) else model!r}; "
+            f"tformer loads {', '.join(SAVEABLE)}"
+        )
+    return {"format_version": version, "tformer_version": metadata.get("tformer_version"), **parsed}
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model saved at ``path`` and load its weights; returned in eval mode.
+
+    Raises ``CheckpointError`` if the file is missing, empty, truncated, not safetensors, has
+    no or unknown tformer metadata, or holds tensors that do not match its config (the message
+    names the tensor).
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        model = build_model(meta["model"])
+    except (ConfigError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its config does not build a {meta['model']['class']}: {error}") from None
+    try:
+        tensors = load_file(path, device=str(device))
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: unreadable safetensors data: {error}") from None
+    for alias, target in meta["aliases"].items():
+        if target not in tensors:
+            raise CheckpointError(f"{path}: tied tensor {alias!r} points at {target!r}, which the file lacks")
+        tensors[alias] = tensors[target]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not part of a {meta['model']['class']} with this config")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors)
+    return model.to(device).eval()
