@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -12,6 +13,36 @@ from .init import INIT_SCHEMES, BranchInit, zero_bias_
 
 if TYPE_CHECKING:
     from .config import BlockConfig
+
+
+class LayerKV:
+    """Keys and values one self-attention layer has seen so far, ``(batch, seq, heads, head_dim)``."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new keys and values; return all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+
+class KVCache:
+    """A ``LayerKV`` per decoder layer, for incremental decoding (``LanguageModel.generate``)."""
+
+    def __init__(self, n_layers: int):
+        self.layers = [LayerKV() for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        """How many positions the cache holds."""
+        return self.layers[0].length
 
 
 class MultiHeadAttention(nn.Module):
@@ -52,8 +83,13 @@ class MultiHeadAttention(nn.Module):
         padding_mask: Tensor | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
+        cache: LayerKV | None = None,
     ) -> Tensor:
-        """``x``: (batch, seq, d_model). Cross-attention reads ``memory`` (batch, mem_seq, d_model)."""
+        """``x``: (batch, seq, d_model). Cross-attention reads ``memory`` (batch, mem_seq, d_model).
+
+        With a ``cache`` (self-attention only) the keys and values of ``x`` are appended to it and
+        the queries attend to everything cached, causally aligned to the end.
+        """
         if self.cross:
             if memory is None:
                 raise ValueError("cross-attention needs `memory` (the encoder output), got None")
@@ -66,6 +102,10 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (rearrange(t, "b s (h d) -> b s h d", h=self.n_heads) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            if self.cross or padding_mask is not None:
+                raise ValueError("a KV cache works for self-attention without a padding mask")
+            k, v = cache.update(k, v)
         out = self.backend(
             q, k, v,
             causal=self.causal,

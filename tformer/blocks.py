@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .attention import MultiHeadAttention
+from .attention import LayerKV, MultiHeadAttention
 from .config import BlockConfig
 from .feedforward import FeedForward
 from .placements import LayerContext, ResidualPlacement, build_placement
@@ -91,8 +91,9 @@ class EncoderBlock(TransformerBlock):
 class DecoderBlock(TransformerBlock):
     """Causal self-attention, optional cross-attention to ``memory``, then feed-forward.
 
-    ``forward(x, padding_mask=None, memory=None, memory_padding_mask=None)``: ``x`` (batch, seq,
-    d_model); ``memory`` (batch, mem_seq, d_model) is required with ``cross_attention=True``.
+    ``forward(x, padding_mask=None, memory=None, memory_padding_mask=None, cache=None)``: ``x``
+    (batch, seq, d_model); ``memory`` (batch, mem_seq, d_model) is required with
+    ``cross_attention=True``; ``cache`` (a ``LayerKV``) makes self-attention incremental.
     """
 
     def __init__(self, cfg: BlockConfig, cross_attention: bool = True, *, layer: LayerContext | None = None):
@@ -119,9 +120,10 @@ class DecoderBlock(TransformerBlock):
         padding_mask: Tensor | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
+        cache: LayerKV | None = None,
     ) -> Tensor:
         check_inputs(x, padding_mask, self.cfg.d_model)
-        x = self.attn_residual(x, partial(self.attn, padding_mask=padding_mask), padding_mask)
+        x = self.attn_residual(x, partial(self.attn, padding_mask=padding_mask, cache=cache), padding_mask)
         if self.has_cross_attention:
             if memory is None:
                 raise ValueError("this DecoderBlock has cross-attention and needs `memory`, got None")

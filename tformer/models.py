@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .attention import KVCache
 from .config import BlockConfig, check_positive_int
 from .init import INIT_SCHEMES
 from .registry import Registry
@@ -102,9 +103,50 @@ class LanguageModel(nn.Module):
         self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements)
         self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings)
 
-    def forward(self, tokens: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
-        x = self.decoder(self.embedding(tokens), padding_mask=padding_mask)
+    def forward(self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """``tokens`` (batch, seq) -> logits (batch, seq, vocab). With a ``cache`` (from
+        ``new_cache``) the tokens continue the cached positions and their keys/values are added."""
+        offset = 0 if cache is None else cache.length
+        x = self.decoder(self.embedding(tokens, offset), padding_mask=padding_mask, cache=cache)
         return self.head(x)
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for incremental decoding."""
+        return KVCache(len(self.decoder.layers))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Sample ``max_new_tokens`` after ``prompt`` (batch, seq); returns (batch, seq + max_new_tokens).
+
+        ``temperature=0`` is greedy decoding; ``top_k`` keeps the k most likely tokens. With
+        ``use_cache`` each step feeds only the newest token through a KV cache, which gives the
+        same logits as recomputing the whole prefix. Runs in eval mode and restores the mode after.
+        """
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be (batch, seq) token ids with seq >= 1, got shape {tuple(prompt.shape)}")
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.embedding.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.embedding.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        tokens, cache = prompt, (self.new_cache() if use_cache else None)
+        step_input = prompt
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else tokens, cache=cache)[:, -1]
+            next_token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+        self.train(was_training)
+        return tokens
 
 
 class EncoderDecoder(nn.Module):
@@ -179,6 +221,22 @@ class EncoderDecoder(nn.Module):
     ) -> Tensor:
         memory = self.encode(src_tokens, src_padding_mask=src_padding_mask)
         return self.decode(tgt_tokens, memory, src_padding_mask=src_padding_mask, tgt_padding_mask=tgt_padding_mask)
+
+
+def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of ``logits`` (batch, vocab): greedy at temperature 0, else sampled."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k} must be >= 1")
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def _make_head(cfg: BlockConfig, vocab_size: int, embedding: Embedding, tie: bool) -> nn.Linear:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from .attention import KVCache
 from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
 from .config import BlockConfig, check_positive_int
 from .errors import ConfigError
@@ -110,8 +111,13 @@ class Decoder(_Stack):
         padding_mask: Tensor | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
-        """``x``: (batch, seq, d_model); ``memory``: (batch, mem_seq, d_model) with cross-attention."""
-        for block in self.layers:
-            x = block(x, padding_mask=padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
+        """``x``: (batch, seq, d_model); ``memory``: (batch, mem_seq, d_model) with cross-attention.
+
+        ``cache`` (a ``KVCache`` with one entry per layer) makes decoding incremental.
+        """
+        for i, block in enumerate(self.layers):
+            x = block(x, padding_mask=padding_mask, memory=memory, memory_padding_mask=memory_padding_mask,
+                      cache=None if cache is None else cache.layers[i])
         return self._finish(x, padding_mask)

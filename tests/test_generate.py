@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+import tformer
+from tformer import BlockConfig, LanguageModel
+from tformer.models import sample_next
+
+V = 31
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "sandwich", "deepnorm"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "powernorm"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+def test_incremental_decoding_equals_full_recomputation(placement, norm, positions):
+    lm = LanguageModel(BlockConfig(d_model=16, n_heads=2, d_ff=32, norm=norm, placement=placement, qk_norm=True),
+                       3, V, 24, positions=positions).double().eval()
+    tokens = torch.randint(0, V, (2, 12))
+    full = lm(tokens)
+    cache = lm.new_cache()
+    pieces = [lm(tokens[:, :5], cache=cache)]  # a prompt, then one token at a time
+    for t in range(5, 12):
+        pieces.append(lm(tokens[:, t : t + 1], cache=cache))
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+
+
+def test_generate_with_and_without_cache_agree():
+    lm = LanguageModel(BlockConfig(d_model=16, n_heads=2, d_ff=32), 2, V, 32)
+    prompt = torch.randint(0, V, (3, 4))
+    greedy = lm.generate(prompt, 10, temperature=0)
+    assert greedy.shape == (3, 14) and torch.equal(greedy[:, :4], prompt)
+    assert torch.equal(greedy, lm.generate(prompt, 10, temperature=0, use_cache=False))
+    sampled = lm.generate(prompt, 10, top_k=5, generator=torch.Generator().manual_seed(1))
+    again = lm.generate(prompt, 10, top_k=5, generator=torch.Generator().manual_seed(1), use_cache=False)
+    assert torch.equal(sampled, again)
+    assert lm.training  # mode restored
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+    assert sample_next(logits, temperature=0).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 3}
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, temperature=-1)
+
+
+def test_generate_errors():
+    lm = LanguageModel(BlockConfig(d_model=16, n_heads=2, d_ff=32), 1, V, 8)
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        lm.generate(torch.zeros(1, 4, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="padding mask"):
+        lm(torch.zeros(1, 2, dtype=torch.long), padding_mask=torch.zeros(1, 2, dtype=torch.bool), cache=lm.new_cache())
+    assert isinstance(lm.new_cache(), tformer.attention.KVCache)
