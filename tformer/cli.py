@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -35,6 +38,111 @@ def _grid(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] [key=value ...]`` -> (config path or None, overrides)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _recipe_config(task_hint: str | None, items: list[str]) -> dict:
+    import yaml
+
+    from tformer.errors import ConfigError
+    from tformer.recipe_config import load_config, parse_override
+    from tformer.training import recipe_defaults
+
+    path, overrides = _split_config_args(items)
+    task = task_hint
+    if path is not None and Path(path).is_file():
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError:
+            loaded = {}
+        if isinstance(loaded, dict) and "task" in loaded:
+            task = loaded["task"]
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["task"]:
+            task = value
+    if task_hint is not None and task != task_hint:
+        raise ConfigError(f"this recipe trains task={task_hint!r}, the config asks for task={task!r}")
+    return load_config(recipe_defaults(task or "lm"), path, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tformer.training import TrainingDiverged, train
+
+    config = _recipe_config(args.task, args.config)
+    if args.print_config:
+        from tformer.recipe_config import dump_config
+
+        print(dump_config(config), end="")
+        return 0
+    try:
+        result = train(config)
+    except TrainingDiverged as error:
+        print(f"tformer train: {error}", file=sys.stderr)
+        return 1
+    final = result.final
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step")
+        print(f"{config['run']}: {result.steps} steps; {summary}")
+        print(f"model: {result.run_dir / 'model.safetensors'}   metrics: {result.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _resolve_checkpoint(path: str) -> Path:
+    p = Path(path)
+    return p / "model.safetensors" if p.is_dir() else p
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import tformer
+    from tformer.data import ByteTokenizer
+
+    model = tformer.load(_resolve_checkpoint(args.checkpoint))
+    if not isinstance(model, tformer.LanguageModel):
+        raise SystemExit(f"tformer generate: {args.checkpoint} holds a {type(model).__name__}, not a LanguageModel")
+    tokenizer = ByteTokenizer()
+    prompt = tokenizer.encode(args.prompt)[None, :]
+    room = model.embedding.max_seq_len - prompt.shape[1]
+    if room < 1:
+        raise SystemExit(f"tformer generate: the prompt is {prompt.shape[1]} tokens; the model's limit is "
+                         f"{model.embedding.max_seq_len}")
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = model.generate(prompt, min(args.max_new_tokens, room), temperature=args.temperature,
+                            top_k=args.top_k or None, generator=generator)
+    print(tokenizer.decode(tokens[0]))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import tformer
+    from tformer.recipe_config import dump_config
+
+    path = _resolve_checkpoint(args.checkpoint)
+    meta = tformer.read_metadata(path)
+    model = tformer.load(path)
+    description = meta["model"]
+    n_params = sum(p.numel() for p in model.parameters())
+    n_buffers = sum(b.numel() for b in model.buffers())
+    print(f"file:            {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    print(f"model:           {description['class']}")
+    print(f"parameters:      {n_params:,} (+{n_buffers:,} buffer values)")
+    print(f"format version:  {meta['format_version']} (written by tformer {meta['tformer_version']})")
+    if meta["aliases"]:
+        print("tied weights:    " + ", ".join(f"{a} = {t}" for a, t in meta["aliases"].items()))
+    if meta["user"]:
+        print("metadata:        " + json.dumps(meta["user"]))
+    print("constructor arguments:")
+    args_text = dump_config(description["args"])
+    print("".join("  " + line + "\n" for line in args_text.splitlines()), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer",
@@ -57,12 +165,48 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--layers", type=int, default=6, help="layers per stack (default: 6)")
     grid.add_argument("--attention", default="auto", help="attention backend (default: auto)")
     grid.set_defaults(run=_grid)
+
+    train = commands.add_parser(
+        "train", help="train a recipe (language model or seq2seq) from a YAML config",
+        description="Train a language model on the embedded corpus (or your text file) or an encoder-decoder on "
+                    "a synthetic task. CONFIG is a YAML file (see recipes/configs/); key=value arguments override "
+                    "its keys, e.g. train.lr=3e-4 model.block.placement=post. A run resumes from "
+                    "<out_dir>/<run>/ when a checkpoint is there (resume=false starts over). Works under torchrun.")
+    train.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="config file and overrides")
+    train.add_argument("--task", choices=["lm", "seq2seq"], default=None, help="the task when no config file names it")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser(
+        "generate", help="sample text from a language-model checkpoint",
+        description="Load a LanguageModel checkpoint (a .safetensors file or a run directory) and sample a "
+                    "continuation of the prompt with a KV cache.")
+    generate.add_argument("checkpoint", help="model.safetensors file or run directory")
+    generate.add_argument("--prompt", default="The ", help="text to continue (default: 'The ')")
+    generate.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default: 200)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
+    generate.add_argument("--top-k", type=int, default=40, help="sample among the k most likely (0: all; default 40)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.set_defaults(run=_generate)
+
+    inspect = commands.add_parser(
+        "inspect", help="print a checkpoint's model class, config, parameter count and metadata",
+        description="Read a tformer checkpoint (never executing anything from it) and print what it holds.")
+    inspect.add_argument("checkpoint", help="model.safetensors file or run directory")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    from tformer.errors import CheckpointError, ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, CheckpointError) as error:
+        print(f"tformer {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tformer
+from tformer import ConfigError
+from tformer.cli import main
+from tformer.recipe_config import load_config
+from tformer.training import LanguageModelTask, TrainingDiverged, recipe_defaults, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_LM = [
+    "model.n_layers=2", "model.max_seq_len=32", "model.block.d_model=32", "model.block.n_heads=2",
+    "model.block.d_ff=64", "data.seq_len=32", "data.eval_windows=8", "train.batch_size=4",
+    "train.warmup_steps=2", "log.every=1", "log.eval_every=4", "log.progress=false",
+]
+
+
+def lm_config(tmp_path, *extra, run="run"):
+    return load_config(recipe_defaults("lm"), None, [*TINY_LM, f"out_dir={tmp_path}", f"run={run}", *extra])
+
+
+def test_config_errors_name_the_key_and_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr' \(did you mean 'lr'\?\)"):
+        load_config(recipe_defaults("lm"), None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"train.steps='many' must be an integer"):
+        load_config(recipe_defaults("lm"), None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(recipe_defaults("lm"), None, ["train.steps"])
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("model:\n  block:\n    placment: post\n")
+    with pytest.raises(ConfigError, match=r"'model.block.placment' \(did you mean 'placement'\?\)"):
+        load_config(recipe_defaults("lm"), config_file)
+    config = load_config(recipe_defaults("lm"), None, ["train.lr=3e-4", "train.betas=[0.9, 0.95]"])
+    assert config["train"]["lr"] == 3e-4 and config["train"]["betas"] == [0.9, 0.95]
+    assert "python_docs" == config["data"]["path"]
+    with pytest.raises(ConfigError, match="task='translate'"):
+        recipe_defaults("translate")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.block.norm=batchnorm"], "norm='batchnorm' is not a known norm"),
+    (["data.path=/nonexistent/corpus.txt"], "no such file"),
+    (["train.schedule=cosine", "train.steps=5", "train.warmup_steps=10"], "needs total_steps"),
+    (["train.lrr=1"], "did you mean 'lr'"),
+])
+def test_cli_stops_before_training_with_a_clear_message(tmp_path, capsys, args, message):
+    code = main(["train", *TINY_LM, f"out_dir={tmp_path}", "train.steps=3", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_lm_training_lowers_validation_loss_and_writes_everything(tmp_path):
+    result = train(lm_config(tmp_path, "train.steps=40", "train.lr=3e-3", "log.checkpoint_every=20"))
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    assert all({"lr", "grad_norm", "tokens_per_s"} <= set(r) for r in train_rows)
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals[0]["step"] == 4 and evals[-1]["step"] == 40
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert result.final["val_ppl"] == pytest.approx(2.718281828 ** result.final["val_loss"], rel=1e-6)
+    assert json.loads((run / "latest.json").read_text()) == {"step": 40, "dir": "step_0000040"}
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_0000020", "step_0000040"]
+    model = tformer.load(run / "model.safetensors")
+    assert isinstance(model, tformer.LanguageModel)
+    assert (run / "config.yaml").read_text().startswith("task: lm")
+
+
+@pytest.mark.parametrize("task", ["lm", "seq2seq"])
+def test_exact_resume_is_bitwise(tmp_path, task):
+    if task == "lm":
+        common = [*TINY_LM, "model.block.dropout=0.1", "model.block.norm=powernorm",
+                  "model.block.norm_options={warmup_iters: 3}", "log.checkpoint_every=5"]
+    else:
+        common = ["model.block.d_model=32", "model.block.n_heads=2", "model.block.d_ff=64", "model.block.dropout=0.1",
+                  "train.batch_size=8", "data.eval_examples=8", "log.every=1", "log.eval_every=5",
+                  "log.progress=false", "log.checkpoint_every=5", "train.warmup_steps=3"]
+    defaults = recipe_defaults(task)
+    train(load_config(defaults, None, [*common, f"out_dir={tmp_path}", "run=straight", "train.steps=12"]))
+    train(load_config(defaults, None, [*common, f"out_dir={tmp_path}", "run=stopped", "train.steps=7"]))
+    resumed = train(load_config(defaults, None, [*common, f"out_dir={tmp_path}", "run=stopped", "train.steps=12"]))
+    assert resumed.steps == 12
+    a = tformer.load(tmp_path / "straight" / "model.safetensors").state_dict()
+    b = tformer.load(tmp_path / "stopped" / "model.safetensors").state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    stopped = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    def training_rows(rows):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows if "loss" in r]
+
+    assert training_rows(straight) == training_rows(stopped)
+
+
+def test_nan_stops_with_step_and_layer_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original_loss = LanguageModelTask.loss
+
+    def poisoned_loss(self, model, batch):
+        calls["n"] += model.training
+        if calls["n"] >= 6:  # from the 6th training step on, layer 1's feed-forward returns NaN
+            ffn = model.decoder.layers[1].ffn
+            handle = ffn.register_forward_hook(lambda m, i, out: out * float("nan"))
+            try:
+                return original_loss(self, model, batch)
+            finally:
+                handle.remove()
+        return original_loss(self, model, batch)
+
+    monkeypatch.setattr(LanguageModelTask, "loss", poisoned_loss)
+    with pytest.raises(TrainingDiverged) as info:
+        train(lm_config(tmp_path, "train.steps=20", "log.checkpoint_every=4"))
+    message = str(info.value)
+    assert "training diverged at step 6: loss is nan" in message
+    assert "first non-finite output comes from decoder.layers.1" in message
+    assert "gradients first go non-finite at decoder.final_norm" in message
+    assert "decoder.layers.1, decoder.layers.0, embedding" in message
+    assert "last good checkpoint is kept" in message
+    run = tmp_path / "run"
+    assert json.loads((run / "latest.json").read_text())["step"] == 4
+    model = tformer.load(run / "model.safetensors")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_seq2seq_learns_to_reverse(tmp_path):
+    config = load_config(recipe_defaults("seq2seq"), ROOT / "recipes" / "configs" / "seq2seq_reverse.yaml",
+                         [f"out_dir={tmp_path}", "log.progress=false", "train.steps=300", "data.max_len=8"])
+    result = train(config)
+    assert result.final["exact_match"] > 0.5
+    assert isinstance(tformer.load(tmp_path / "seq2seq_reverse"/ "model.safetensors"), tformer.EncoderDecoder)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = [*TINY_LM, "train.steps=6", "train.batch_size=8", "log.eval_every=100", "log.checkpoint_every=100",
+            f"out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "train_lm.py"), *args, "run=single"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         str(ROOT / "recipes" / "train_lm.py"), *args, "run=double"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], [r["step"] for r in rows if "loss" in r]
+
+    single, single_steps = losses("single")
+    double, double_steps = losses("double")
+    assert single_steps == double_steps == list(range(1, 7))  # rank 0 alone writes: no duplicated rows
+    assert double == pytest.approx(single, rel=1e-5, abs=1e-6)
