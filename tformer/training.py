@@ -9,7 +9,7 @@
   uninterrupted one would (batches are a function of ``(seed, step)``);
 * shows a progress bar (loss, lr, tokens/s, ETA), writes ``metrics.jsonl``, evaluates on
   validation data (loss and perplexity; exact-match accuracy for seq2seq), checkpoints every
-  ``log.checkpoint_every`` steps and at the end;
+  ``log.checkpoint_every`` steps and at the end (0: never);
 * stops at the first non-finite loss or gradient with a message naming the step, the first
   layer whose output went non-finite and the first layer whose gradients did, keeping the last
   good checkpoint;
@@ -466,7 +466,8 @@ def _train(config: dict, world: Dist, show_progress: bool) -> RunResult:
             evaluation = {"step": step, **task.evaluate(model)}
             result.evals.append(evaluation)
             metrics.write(evaluation)
-        if world.is_main and (step % log_cfg["checkpoint_every"] == 0 or step == train_cfg["steps"]):
+        every = log_cfg["checkpoint_every"]
+        if world.is_main and every > 0 and (step % every == 0 or step == train_cfg["steps"]):
             save_training_state(run_dir, step, model, optimizer, scheduler, config, log_cfg["keep_checkpoints"])
         bar.update(1)
         result.steps = step
