@@ -38,3 +38,27 @@ def test_help(argv):
 def test_missing_command_is_an_error():
     result = subprocess.run([sys.executable, "-m", "tformer"], capture_output=True, text=True)
     assert result.returncode == 2 and "required: COMMAND" in result.stderr
+
+
+def test_generate_and_inspect_commands(capsys):
+    from pathlib import Path
+
+    run = Path(__file__).resolve().parent.parent / "checkpoints" / "lm_python_docs"
+    assert main(["generate", str(run), "--prompt", "Class ", "--max-new-tokens", "40", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Class ")
+    assert main(["inspect", str(run / "model.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "model:           LanguageModel" in out and "placement: pre" in out and "parameters:" in out
+
+
+def test_inspect_reports_a_bad_file(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 3)
+    assert main(["inspect", str(bad)]) == 2
+    assert "too short" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "study", "generate", "inspect"])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "tformer", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and f"usage: tformer {command}" in result.stdout

@@ -166,3 +166,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
     double, double_steps = losses("double")
     assert single_steps == double_steps == list(range(1, 7))  # rank 0 alone writes: no duplicated rows
     assert double == pytest.approx(single, rel=1e-5, abs=1e-6)
+
+
+def test_damaged_training_state_is_a_clear_error(tmp_path, capsys):
+    args = ["train", *TINY_LM, f"out_dir={tmp_path}", "train.steps=4", "log.checkpoint_every=2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    (tmp_path / "run" / "step_0000004" / "train_state.safetensors").write_bytes(b"garbage!")
+    assert main([*args[:-2], "train.steps=6", "log.checkpoint_every=2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "resume=false" in err
+    (tmp_path / "run" / "step_0000004" / "model.safetensors").write_bytes(b"")
+    assert main([*args[:-2], "train.steps=6"]) == 2
+    assert "model.safetensors: the file is empty" in capsys.readouterr().err

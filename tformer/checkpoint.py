@@ -85,6 +85,17 @@ def _decode_args(value):
     return value
 
 
+def readable_args(value):
+    """Constructor arguments as stored, with the ``{"__BlockConfig__": {...}}`` wrappers removed (for display)."""
+    if isinstance(value, dict):
+        if len(value) == 1 and next(iter(value)).startswith("__"):
+            return readable_args(next(iter(value.values())))
+        return {k: readable_args(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable_args(v) for v in value]
+    return value
+
+
 def model_description(model: nn.Module) -> dict:
     """``{"class": name, "args": constructor arguments}``: what ``load`` rebuilds a model from."""
     name = type(model).__name__

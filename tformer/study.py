@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import BlockConfig
 from .data import ByteTokenizer, load_corpus, split_tokens
 from .recipe_config import load_config
 from .training import TrainingDiverged, recipe_defaults, train
@@ -69,18 +70,20 @@ def run_study(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [(p, n, w) for p in placements for n in norms for w in (0, warmup_steps)]
-    entropy = unigram_entropy()
-    rows, curves = [], {}
-    bar = tqdm(runs, desc="placement study", unit="run", disable=not progress, dynamic_ncols=True)
-    for placement, norm, warmup in bar:
+    runs = {}
+    for placement, norm, warmup in ((p, n, w) for p in placements for n in norms for w in (0, warmup_steps)):
         name = f"{placement}-{norm}-warmup{warmup}"
-        bar.set_postfix_str(name)
-        config = load_config(recipe_defaults("lm"), None, [
+        runs[name] = (placement, norm, warmup, load_config(recipe_defaults("lm"), None, [
             *STUDY_OVERRIDES, f"train.steps={steps}", f"out_dir={out_dir / 'runs'}", f"run={name}",
             f"model.block.placement={placement}", f"model.block.norm={norm}", f"train.warmup_steps={warmup}",
             *overrides,
-        ])
+        ]))
+        BlockConfig(**runs[name][3]["model"]["block"])  # a bad name fails now, not after an hour of runs
+    entropy = unigram_entropy()
+    rows, curves = [], {}
+    bar = tqdm(runs.items(), desc="placement study", unit="run", disable=not progress, dynamic_ncols=True)
+    for name, (placement, norm, warmup, config) in bar:
+        bar.set_postfix_str(name)
         start = time.perf_counter()
         try:
             evals = train(config, progress=False).evals

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -318,10 +319,16 @@ def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler) -
         raise CheckpointError(f"{run_dir}: cannot resume, the training state is unreadable ({error})") from None
     saved = checkpoint.load(directory / "model.safetensors")
     model.load_state_dict(saved.state_dict())
-    tensors = load_file(directory / "train_state.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        tensors = load_file(directory / "train_state.safetensors")
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{directory}: cannot resume, the optimizer/RNG state is damaged ({type(error).__name__}: {error}); "
+            f"remove {run_dir / 'latest.json'} to start over, or pass resume=false"
+        ) from None
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
