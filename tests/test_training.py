@@ -78,17 +78,21 @@ def test_lm_training_lowers_validation_loss_and_writes_everything(tmp_path):
 
 @pytest.mark.parametrize("task", ["lm", "seq2seq"])
 def test_exact_resume_is_bitwise(tmp_path, task):
+    """Interrupted after step 8 (last checkpoint at 5), resumed to 12: the same weights as a straight run."""
     if task == "lm":
         common = [*TINY_LM, "model.block.dropout=0.1", "model.block.norm=powernorm",
-                  "model.block.norm_options={warmup_iters: 3}", "log.checkpoint_every=5"]
+                  "model.block.norm_options={warmup_iters: 3}"]
     else:
         common = ["model.block.d_model=32", "model.block.n_heads=2", "model.block.d_ff=64", "model.block.dropout=0.1",
                   "train.batch_size=8", "data.eval_examples=8", "log.every=1", "log.eval_every=5",
-                  "log.progress=false", "log.checkpoint_every=5", "train.warmup_steps=3"]
+                  "log.progress=false", "train.warmup_steps=3"]
+    common += ["train.schedule=cosine", "train.steps=12", "log.checkpoint_every=5", f"out_dir={tmp_path}"]
     defaults = recipe_defaults(task)
-    train(load_config(defaults, None, [*common, f"out_dir={tmp_path}", "run=straight", "train.steps=12"]))
-    train(load_config(defaults, None, [*common, f"out_dir={tmp_path}", "run=stopped", "train.steps=7"]))
-    resumed = train(load_config(defaults, None, [*common, f"out_dir={tmp_path}", "run=stopped", "train.steps=12"]))
+    train(load_config(defaults, None, [*common, "run=straight"]))
+    interrupted = train(load_config(defaults, None, [*common, "run=stopped"]), stop_at=8)
+    assert interrupted.steps == 8
+    assert json.loads((tmp_path / "stopped" / "latest.json").read_text())["step"] == 5
+    resumed = train(load_config(defaults, None, [*common, "run=stopped"]))
     assert resumed.steps == 12
     a = tformer.load(tmp_path / "straight" / "model.safetensors").state_dict()
     b = tformer.load(tmp_path / "stopped" / "model.safetensors").state_dict()
@@ -96,10 +100,22 @@ def test_exact_resume_is_bitwise(tmp_path, task):
         assert torch.equal(a[key], b[key]), key
     straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     stopped = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
-    def training_rows(rows):
-        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows if "loss" in r]
 
-    assert training_rows(straight) == training_rows(stopped)
+    def without_speed(rows):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+    assert without_speed(straight) == without_speed(stopped)
+
+
+def test_resume_with_more_steps_replans_the_schedule(tmp_path):
+    common = [*TINY_LM, "train.schedule=linear", "train.warmup_steps=2", "log.checkpoint_every=4", f"out_dir={tmp_path}"]
+    train(load_config(recipe_defaults("lm"), None, [*common, "train.steps=4"]))
+    result = train(load_config(recipe_defaults("lm"), None, [*common, "train.steps=10"]))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    lr = {r["step"]: r["lr"] for r in rows}
+    assert lr[4] == pytest.approx(0.0)  # the first session decayed to 0 at its own end
+    assert lr[5] == pytest.approx(1e-3 * (1 - 3 / 8))  # the resumed one follows a 10-step linear decay
+    assert result.steps == 10
 
 
 def test_nan_stops_with_step_and_layer_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

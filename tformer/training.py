@@ -401,19 +401,23 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def train(config: dict, *, progress: bool | None = None) -> RunResult:
-    """Run the recipe ``config`` (see the module docstring). Raises ``TrainingDiverged`` on NaN/inf."""
+def train(config: dict, *, progress: bool | None = None, stop_at: int | None = None) -> RunResult:
+    """Run the recipe ``config`` (see the module docstring). Raises ``TrainingDiverged`` on NaN/inf.
+
+    ``stop_at`` ends the session after that step as an interruption would (no final checkpoint):
+    for time-boxed sessions and for testing resumption.
+    """
     world = Dist.from_env()
     if world.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and config["device"] != "cpu" else "gloo")
     try:
-        return _train(config, world, config["log"]["progress"] if progress is None else progress)
+        return _train(config, world, config["log"]["progress"] if progress is None else progress, stop_at)
     finally:
         if world.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: dict, world: Dist, show_progress: bool) -> RunResult:
+def _train(config: dict, world: Dist, show_progress: bool, stop_at: int | None) -> RunResult:
     from tqdm.auto import tqdm
 
     device = _device(config, world)
@@ -432,6 +436,7 @@ def _train(config: dict, world: Dist, show_progress: bool) -> RunResult:
         start, saved_config = load_training_state(run_dir, model, optimizer, scheduler)
         if saved_config["model"] != config["model"] or saved_config["task"] != config["task"]:
             raise ConfigError(f"{run_dir} holds a run with a different model; pick another run name or resume=false")
+        _apply_schedule_config(scheduler, optimizer, train_cfg, total)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
@@ -478,8 +483,23 @@ def _train(config: dict, world: Dist, show_progress: bool) -> RunResult:
             save_training_state(run_dir, step, model, optimizer, scheduler, config, log_cfg["keep_checkpoints"])
         bar.update(1)
         result.steps = step
+        if stop_at is not None and step >= stop_at:
+            break
     bar.close()
     return result
+
+
+def _apply_schedule_config(scheduler, optimizer, train_cfg: dict, total: int | None) -> None:
+    """After a resume, the current config's schedule wins (e.g. a longer ``train.steps`` re-plans the decay)."""
+    wanted = {"warmup_steps": train_cfg["warmup_steps"], "total_steps": total, "min_lr_ratio": train_cfg["min_lr_ratio"],
+              "base_lrs": [train_cfg["lr"]] * len(optimizer.param_groups)}
+    if all(getattr(scheduler, k) == v for k, v in wanted.items()):
+        return
+    for key, value in wanted.items():
+        setattr(scheduler, key, value)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _divergence_message(step: int, loss: Tensor, model: nn.Module, rerun, run_dir: Path) -> str:
