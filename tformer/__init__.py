@@ -4,7 +4,7 @@ Any registered norm (``NORMS``) goes in any registered placement (``PLACEMENTS``
 attention on any backend (``BACKENDS``); see ``BlockConfig``.
 """
 
-from . import data
+from . import analysis, data
 from .backends import BACKENDS
 from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
 from .checkpoint import load, read_metadata, save

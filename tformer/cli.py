@@ -107,6 +107,45 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from tformer.analysis.reproductions import REPRODUCTIONS, run_reproduction
+
+    if args.name == "scales":
+        return _analyze_scales(args)
+    names = list(REPRODUCTIONS) if args.name == "all" else [args.name]
+    for name in names:
+        out = run_reproduction(name, args.out, quick=args.quick)
+        print((out / "summary.md").read_text())
+        print(f"wrote {out}/\n")
+    return 0
+
+
+def _analyze_scales(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    import tformer
+    from tformer.analysis import expected_gradient_scales
+    from tformer.analysis.reproductions import _corpus_batches
+
+    if not args.checkpoint:
+        raise SystemExit("tformer analyze scales: give --checkpoint PATH (a LanguageModel checkpoint or run directory)")
+    model = tformer.load(_resolve_checkpoint(args.checkpoint)).train()
+    if not isinstance(model, tformer.LanguageModel):
+        raise SystemExit(f"tformer analyze scales: {args.checkpoint} holds a {type(model).__name__}, not a LanguageModel")
+    seq_len = min(128, model.embedding.max_seq_len)
+
+    def loss_fn(m, batch):
+        logits = m(batch[0])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
+
+    rows = expected_gradient_scales(model, _corpus_batches(args.batches, seq_len=seq_len), loss_fn)
+    print(f"{'stack':8s} {'layer':>5s} {'param':28s} {'grad_norm':>10s} {'param_norm':>10s} {'ratio':>9s}")
+    for r in rows:
+        print(f"{r['stack']:8s} {r['layer']:5d} {r['param']:28s} {r['grad_norm']:10.4g} {r['param_norm']:10.4g} "
+              f"{r['ratio']:9.3g}")
+    return 0
+
+
 def _resolve_checkpoint(path: str) -> Path:
     p = Path(path)
     return p / "model.safetensors" if p.is_dir() else p
@@ -207,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--steps", type=int, default=300, help="training steps per run (default: 300)")
     study.add_argument("--target-loss", type=float, default=2.6, help="loss for 'steps to target' (default: 2.6)")
     study.set_defaults(run=_study)
+
+    from tformer.analysis.reproductions import REPRODUCTIONS
+
+    analyze = commands.add_parser(
+        "analyze", help="gradient-scale analysis: the papers' figures reproduced, or a checkpoint's gradients",
+        description="Reproduce a paper's figure at CPU scale (CSV + PNG + summary.md beside the paper's claim), or "
+                    "with 'scales --checkpoint PATH' print the per-layer gradient scales of a language-model "
+                    "checkpoint on the embedded corpus. Reproductions: "
+                    + "; ".join(f"{name}: {r.title}" for name, r in REPRODUCTIONS.items()) + ".")
+    analyze.add_argument("name", choices=[*REPRODUCTIONS, "all", "scales"], help="what to run")
+    analyze.add_argument("--out", default="runs/analysis", help="output directory (default: runs/analysis)")
+    analyze.add_argument("--quick", action="store_true", help="smaller settings, for a smoke test")
+    analyze.add_argument("--checkpoint", help="for 'scales': a LanguageModel checkpoint or run directory")
+    analyze.add_argument("--batches", type=int, default=8, help="for 'scales': batches to average (default: 8)")
+    analyze.set_defaults(run=_analyze)
 
     generate = commands.add_parser(
         "generate", help="sample text from a language-model checkpoint",

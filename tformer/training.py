@@ -68,7 +68,8 @@ _COMMON = {
         "warmup_steps": 100,
         "min_lr_ratio": 0.0,
     },
-    "log": {"every": 10, "eval_every": 100, "checkpoint_every": 500, "keep_checkpoints": 2, "progress": True},
+    "log": {"every": 10, "eval_every": 100, "checkpoint_every": 500, "keep_checkpoints": 2, "progress": True,
+            "monitor": False, "monitor_every": 10},
 }
 
 LM_DEFAULTS = {
@@ -418,8 +419,6 @@ def train(config: dict, *, progress: bool | None = None, stop_at: int | None = N
 
 
 def _train(config: dict, world: Dist, show_progress: bool, stop_at: int | None) -> RunResult:
-    from tqdm.auto import tqdm
-
     device = _device(config, world)
     task = TASKS[config["task"]](config, world, device)
     torch.manual_seed(config["seed"])
@@ -443,6 +442,29 @@ def _train(config: dict, world: Dist, show_progress: bool, stop_at: int | None) 
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, start if start else None)
     trained = model if world.world_size == 1 else nn.parallel.DistributedDataParallel(model)
     result = RunResult(run_dir, start)
+    monitor = None
+    if log_cfg["monitor"] and world.is_main:
+        from .analysis import TrainingMonitor
+
+        monitor_log = MetricsLog(run_dir / "monitor.jsonl", True, start if start else None)
+        monitor = TrainingMonitor(model, optimizer, every=log_cfg["monitor_every"], sink=monitor_log.write,
+                                  start_step=start).attach()
+    try:
+        _loop(config, task, model, trained, optimizer, scheduler, world, metrics, result, start, show_progress, stop_at)
+    finally:
+        if monitor is not None:
+            monitor.detach()
+    if monitor is not None:
+        from .analysis.plots import plot_monitor
+
+        plot_monitor(run_dir / "monitor.jsonl", run_dir)
+    return result
+
+
+def _loop(config, task, model, trained, optimizer, scheduler, world, metrics, result, start, show_progress, stop_at):
+    from tqdm.auto import tqdm
+
+    train_cfg, log_cfg, run_dir = config["train"], config["log"], result.run_dir
 
     bar = tqdm(total=train_cfg["steps"], initial=start, desc=config["run"], unit="step", dynamic_ncols=True,
                disable=not (show_progress and world.is_main), mininterval=0.1 if sys.stderr.isatty() else 5.0)
@@ -486,7 +508,6 @@ def _train(config: dict, world: Dist, show_progress: bool, stop_at: int | None) 
         if stop_at is not None and step >= stop_at:
             break
     bar.close()
-    return result
 
 
 def _apply_schedule_config(scheduler, optimizer, train_cfg: dict, total: int | None) -> None:
