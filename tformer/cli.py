@@ -117,6 +117,10 @@ def _analyze(args: argparse.Namespace) -> int:
         out = run_reproduction(name, args.out, quick=args.quick)
         print((out / "summary.md").read_text())
         print(f"wrote {out}/\n")
+    if args.report:
+        from tformer.analysis.reproductions import write_report
+
+        print(f"wrote {write_report(args.out, args.report, names)}")
     return 0
 
 
@@ -260,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--quick", action="store_true", help="smaller settings, for a smoke test")
     analyze.add_argument("--checkpoint", help="for 'scales': a LanguageModel checkpoint or run directory")
     analyze.add_argument("--batches", type=int, default=8, help="for 'scales': batches to average (default: 8)")
+    analyze.add_argument("--report", help="also combine the summaries and figures into this markdown file")
     analyze.set_defaults(run=_analyze)
 
     generate = commands.add_parser(

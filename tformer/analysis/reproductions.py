@@ -356,3 +356,26 @@ def run_reproduction(name: str, out_dir: str | Path = "runs/analysis", quick: bo
     command = f"tformer analyze {name}" + (" --quick" if quick else "")
     (out / "summary.md").write_text(f"## {reproduction.title}\n\nCommand: `{command}`\n\n{summary}\n")
     return out
+
+
+def write_report(out_dir: str | Path, report: str | Path, names: list[str] | None = None) -> Path:
+    """Combine the reproductions' ``summary.md`` files and figures under ``out_dir`` into one markdown report."""
+    out_dir, report = Path(out_dir), Path(report)
+    parts = [
+        "# Reproductions", "",
+        "The papers' figures and claims, measured at CPU scale with tformer. Each section was written by the "
+        "command it names (`tformer analyze NAME`, or `tformer analyze all --out docs/reproductions --report "
+        "REPRODUCTIONS.md` for all of them); CSV files with every number sit beside the figures. Models use "
+        "tformer's default initialization (Xavier-uniform weights, zero biases, embeddings scaled by sqrt(d)), "
+        "the setting the papers analyse.", "",
+    ]
+    for name in names or list(REPRODUCTIONS):
+        directory = out_dir / name
+        summary = directory / "summary.md"
+        if not summary.exists():
+            continue
+        parts.append(summary.read_text().replace("## ", "## ", 1))
+        for png in sorted(directory.glob("*.png")) + sorted(directory.glob("study/*.png")):
+            parts.append(f"![{name}]({png.relative_to(report.parent).as_posix()})\n")
+    report.write_text("\n".join(parts))
+    return report
