@@ -129,7 +129,7 @@ def _analyze_scales(args: argparse.Namespace) -> int:
 
     import tformer
     from tformer.analysis import expected_gradient_scales
-    from tformer.analysis.reproductions import _corpus_batches
+    from tformer.analysis.reproductions import corpus_batches
 
     if not args.checkpoint:
         raise SystemExit("tformer analyze scales: give --checkpoint PATH (a LanguageModel checkpoint or run directory)")
@@ -142,7 +142,7 @@ def _analyze_scales(args: argparse.Namespace) -> int:
         logits = m(batch[0])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
 
-    rows = expected_gradient_scales(model, _corpus_batches(args.batches, seq_len=seq_len), loss_fn)
+    rows = expected_gradient_scales(model, corpus_batches(args.batches, seq_len=seq_len), loss_fn)
     print(f"{'stack':8s} {'layer':>5s} {'param':28s} {'grad_norm':>10s} {'param_norm':>10s} {'ratio':>9s}")
     for r in rows:
         print(f"{r['stack']:8s} {r['layer']:5d} {r['param']:28s} {r['grad_norm']:10.4g} {r['param_norm']:10.4g} "

@@ -31,7 +31,7 @@ class Reproduction:
     run: Callable[[Path, bool], str]  # (output dir, quick) -> markdown summary
 
 
-def _corpus_batches(n_batches: int, batch_size: int = 8, seq_len: int = 128, seed: int = 0):
+def corpus_batches(n_batches: int, batch_size: int = 8, seq_len: int = 128, seed: int = 0):
     tokens, _ = split_tokens(ByteTokenizer().encode(load_corpus()), 0.1)
     data = LMBatches(tokens, batch_size, seq_len, seed)
     return [data.batch(step) for step in range(n_batches)]
@@ -70,7 +70,7 @@ def _pyplot():
 
 def xiong_fig3(out: Path, quick: bool = False) -> str:
     n_batches = 4 if quick else 16
-    batches = _corpus_batches(n_batches)
+    batches = corpus_batches(n_batches)
     rows = []
     for placement in PLACEMENTS:
         model = _lm(placement, 6)
@@ -130,7 +130,7 @@ def xiong_fig3(out: Path, quick: bool = False) -> str:
 
 def xiong_depth(out: Path, quick: bool = False) -> str:
     depths = (6, 12) if quick else (6, 8, 12, 18, 24)
-    batches = _corpus_batches(2 if quick else 4)
+    batches = corpus_batches(2 if quick else 4)
     rows = []
     for placement in ("post", "pre"):
         for depth in depths:
@@ -178,7 +178,7 @@ def xiong_depth(out: Path, quick: bool = False) -> str:
 
 def xiong_lemma2(out: Path, quick: bool = False) -> str:
     n_layers = 6 if quick else 12
-    batches = _corpus_batches(2)
+    batches = corpus_batches(2)
     rows = []
     for placement in ("post", "pre"):
         model = _lm(placement, n_layers).eval()
