@@ -105,3 +105,24 @@ def test_make_norm_errors():
 
 def test_deepnorm_alias_is_layernorm():
     assert isinstance(make_norm("deepnorm", D), tformer.norms.LayerNorm)
+
+
+def test_rmsnorm_function_matches_native_in_float32_and_bf16():
+    norm = _randomize(make_norm("rmsnorm", 64, eps=1e-6))
+    x = torch.randn(3, 7, 64) * 3
+    grad = torch.randn(3, 7, 64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w2 = norm.weight.detach().clone().requires_grad_()
+    y1 = norm(x1)
+    y2 = torch.nn.functional.rms_norm(x2, (64,), w2, 1e-6)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(norm.weight.grad, w2.grad)
+    xb = x.bfloat16().requires_grad_()
+    yb = norm(xb)
+    assert yb.dtype == torch.bfloat16
+    yb.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all()
+    torch.testing.assert_close(yb.float(), y2.detach(), rtol=2e-2, atol=2e-2)

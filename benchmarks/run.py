@@ -1,0 +1,305 @@
+"""The benchmark suite: every performance target of the project measured side by side in one run.
+
+    python benchmarks/run.py            # full suite (~15 min on 2 cores), writes BENCHMARKS.md
+    python benchmarks/run.py --quick    # smaller shapes and fewer repeats (~5 min)
+
+Candidates run round-robin and each figure is a median, so drift on a shared machine hits all
+alike; every ratio compares against a baseline measured in the same run. x-transformers is
+compared when installed (``pip install -e ".[bench]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tformer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def medians(candidates: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each candidate, run round-robin after one warm-up round."""
+    times = {name: [] for name in candidates}
+    for round_ in range(repeats + 1):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_rates(quick: bool) -> dict[str, float]:
+    n = 2048
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b, out = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype), torch.empty(n, n, dtype=dtype)
+        seconds = medians({"mm": lambda: torch.mm(a, b, out=out)}, 5 if quick else 10)["mm"]  # no allocation timed
+        rates[str(dtype).split(".")[-1]] = 2 * n**3 / seconds / 1e9
+    return rates
+
+
+def train_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: bool = False):
+    def run():
+        leaf = x.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(leaf)
+        out.backward(grad.to(out.dtype))
+    return run
+
+
+def block_flops(batch: int, seq: int, d: int, d_ff: int) -> float:
+    """Forward matmul FLOPs of one encoder block: projections, FFN and the two attention products."""
+    tokens = batch * seq
+    return 2 * tokens * (4 * d * d + 2 * d * d_ff) + 4 * batch * seq * seq * d
+
+
+def xtransformers_layer(d: int, heads: int, flash: bool):
+    try:
+        from x_transformers import Encoder
+    except ImportError:
+        return None
+    return Encoder(dim=d, depth=1, heads=heads, ff_mult=4, attn_flash=flash)
+
+
+def section_train(quick: bool, rates: dict) -> tuple[list[str], list[str]]:
+    d, heads, d_ff = 512, 8, 2048
+    lines, verdicts = [], []
+    for seq, batch in ((256, 8), (1024, 2 if quick else 8)):
+        torch.manual_seed(0)
+        x, grad = torch.randn(batch, seq, d), torch.randn(batch, seq, d)
+        candidates, modules = {}, {}
+        for norm_first in (False, True):
+            name = "pre" if norm_first else "post"
+            layer = nn.TransformerEncoderLayer(d, heads, d_ff, dropout=0.0, batch_first=True, norm_first=norm_first)
+            modules[f"torch.nn {name}"] = layer
+            modules[f"tformer {name}"] = tformer.from_torch(layer, attention="sdpa").train()
+        for flash in (False, True):
+            xt = xtransformers_layer(d, heads, flash)
+            if xt is not None:
+                modules[f"x-transformers {'attn_flash' if flash else 'default'}"] = xt
+        for name, module in modules.items():
+            candidates[name] = train_step(module.train(), x, grad)
+        result = medians(candidates, 3 if quick else 5)
+        flops = 3 * block_flops(batch, seq, d, d_ff)
+        lines += [f"Training step (forward + backward), d 512, 8 heads, d_ff 2048, batch {batch}, S={seq}:", "",
+                  "| candidate | ms | / torch.nn (same placement) | GFLOP/s | % of fp32 matmul |", "|---|---|---|---|---|"]
+        for name, seconds in result.items():
+            placement = "pre" if "pre" in name or "x-transformers" in name else "post"
+            ratio = seconds / result[f"torch.nn {placement}"]
+            gflops = flops / seconds / 1e9
+            lines.append(f"| {name} | {seconds * 1e3:.1f} | {ratio:.2f} | {gflops:.0f} | {100 * gflops / rates['float32']:.0f}% |")
+        lines.append("")
+        for placement in ("post", "pre"):
+            ratio = result[f"tformer {placement}"] / result[f"torch.nn {placement}"]
+            verdicts.append(f"{'met' if ratio <= 1.0 else 'NOT met'}: training step {placement}-LN S={seq}: "
+                            f"{ratio:.2f}x torch.nn (target <= 1.0x)")
+        for name in [n for n in result if n.startswith("x-transformers")]:
+            ratio = result["tformer pre"] / result[name]
+            verdicts.append(f"{'met' if ratio < 1.0 else 'NOT met'}: S={seq}: tformer pre {ratio:.2f}x the time of "
+                            f"{name} (target < 1.0x)")
+    return lines, verdicts
+
+
+def section_inference(quick: bool) -> tuple[list[str], list[str]]:
+    d, heads, d_ff, batch, seq = 512, 8, 2048, 8, 256
+    torch.manual_seed(0)
+    x = torch.randn(batch, seq, d)
+    candidates = {}
+    for norm_first in (False, True):
+        name = "pre" if norm_first else "post"
+        layer = nn.TransformerEncoderLayer(d, heads, d_ff, dropout=0.0, batch_first=True, norm_first=norm_first).eval()
+        ours = tformer.from_torch(layer, attention="sdpa").eval()
+        candidates[f"torch.nn {name} (fast path)"] = lambda layer=layer: _no_grad(layer, x)
+        candidates[f"tformer {name}"] = lambda ours=ours: _no_grad(ours, x)
+    result = medians(candidates, 5 if quick else 9)
+    lines = [f"Inference (eval, no grad), batch {batch}, S={seq}:", "", "| candidate | ms | / torch.nn |", "|---|---|---|"]
+    verdicts = []
+    for name, seconds in result.items():
+        base = result[f"torch.nn {'pre' if 'pre' in name else 'post'} (fast path)"]
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.2f} |")
+    for placement in ("post", "pre"):
+        ratio = result[f"tformer {placement}"] / result[f"torch.nn {placement} (fast path)"]
+        verdicts.append(f"{'met' if ratio <= 1.1 else 'NOT met'}: inference {placement}-LN: {ratio:.2f}x torch.nn's "
+                        "fast path (target <= 1.1x)")
+    return lines + [""], verdicts
+
+
+def _no_grad(module, x):
+    with torch.no_grad():
+        module(x)
+
+
+def section_norms(quick: bool) -> tuple[list[str], list[str]]:
+    shape = (4, 1024, 1024) if quick else (8, 2048, 1024)
+    d = shape[-1]
+    torch.manual_seed(0)
+    x, grad = torch.randn(shape), torch.randn(shape)
+    norms = {"nn.LayerNorm": nn.LayerNorm(d), "nn.RMSNorm": nn.RMSNorm(d, eps=1e-5)}
+    norms.update({f"tformer {n}": tformer.make_norm(n, d) for n in tformer.NORMS if n != "none"})
+    result = medians({n: train_step(m, x, grad) for n, m in norms.items()}, 3 if quick else 7)
+    ln = result["nn.LayerNorm"]
+    lines = [f"Norms, forward + backward at {shape}:", "", "| norm | ms | / nn.LayerNorm |", "|---|---|---|"]
+    lines += [f"| {n} | {s * 1e3:.1f} | {s / ln:.2f} |" for n, s in result.items()]
+    ratio = result["tformer rmsnorm"] / ln
+    verdicts = [f"{'met' if ratio <= 1.0 else 'NOT met'}: RMSNorm forward+backward {ratio:.2f}x nn.LayerNorm "
+                f"(nn.RMSNorm: {result['nn.RMSNorm'] / ln:.2f}x; target <= 1.0x)"]
+    return lines + [""], verdicts
+
+
+def section_placements(quick: bool) -> tuple[list[str], list[str]]:
+    batch, seq = 8, 256
+    base = tformer.BlockConfig(d_model=512, n_heads=8, d_ff=2048, attention="sdpa")
+    variants = {"post layernorm": dict(placement="post"), "pre layernorm": dict(placement="pre"),
+                "sandwich layernorm": dict(placement="sandwich"), "deepnorm": dict(placement="deepnorm"),
+                "post powernorm": dict(placement="post", norm="powernorm"), "pre rmsnorm": dict(placement="pre", norm="rmsnorm"),
+                "sandwich rmsnorm": dict(placement="sandwich", norm="rmsnorm")}
+    torch.manual_seed(0)
+    x, grad = torch.randn(batch, seq, 512), torch.randn(batch, seq, 512)
+    blocks = {n: tformer.EncoderBlock(dataclasses.replace(base, **kw)) for n, kw in variants.items()}
+    result = medians({n: train_step(b, x, grad) for n, b in blocks.items()}, 3 if quick else 5)
+    post = result["post layernorm"]
+    lines = [f"Block training step by placement and norm, batch {batch}, S={seq}, d 512:", "",
+             "| block | ms | / post LayerNorm |", "|---|---|---|"]
+    lines += [f"| {n} | {s * 1e3:.1f} | {s / post:.2f} |" for n, s in result.items()]
+    ratio = result["post powernorm"] / post
+    return lines + [""], [f"{'met' if ratio <= 1.3 else 'NOT met'}: PowerNorm block {ratio:.2f}x post-LayerNorm "
+                          f"(target <= 1.3x); sandwich LayerNorm {result['sandwich layernorm'] / post:.2f}x"]
+
+
+def section_memory(quick: bool) -> tuple[list[str], list[str]]:
+    seq = 2048 if quick else 4096
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_memory.py"), "--seq", str(seq),
+                          "--backends", "sdpa", "math"], capture_output=True, text=True, check=True).stdout
+    figures = {}
+    for line in out.splitlines()[1:]:
+        backend, kind, mb, _ = line.split()
+        figures[(backend, kind)] = float(mb)
+    lines = [f"Peak extra memory of a padded forward, B=4, S={seq}, d=512 (`benchmarks/attention_memory.py`):", "",
+             "| backend | bidirectional | causal |", "|---|---|---|"]
+    for backend in ("sdpa", "math"):
+        lines.append(f"| {backend} | {figures[(backend, 'bidirectional')]:.0f} MB | {figures[(backend, 'causal')]:.0f} MB |")
+    worst = max(figures[("sdpa", "bidirectional")], figures[("sdpa", "causal")])
+    return lines + [""], [f"{'met' if worst < 1000 else 'NOT met'}: padded forward at S={seq}: sdpa at most "
+                          f"{worst:.0f} MB (target well under 1 GB; math backend "
+                          f"{figures[('math', 'bidirectional')]:.0f} MB)"]
+
+
+def section_bf16(quick: bool) -> tuple[list[str], list[str]]:
+    batch, seq = 8, 256
+    torch.manual_seed(0)
+    x, grad = torch.randn(batch, seq, 512), torch.randn(batch, seq, 512)
+    failures = []
+    for norm in tformer.NORMS:
+        for placement in tformer.PLACEMENTS:
+            cfg = tformer.BlockConfig(d_model=32, n_heads=4, d_ff=64, norm=norm, placement=placement, attention="sdpa")
+            block = tformer.DecoderBlock(cfg, cross_attention=False)
+            small = torch.randn(2, 8, 32, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = block(small)
+            out.float().sum().backward()
+            if not (torch.isfinite(out).all() and torch.isfinite(small.grad).all()):
+                failures.append(f"{norm}/{placement}")
+    candidates = {}
+    for placement in ("post", "pre"):
+        block = tformer.EncoderBlock(tformer.BlockConfig(d_model=512, n_heads=8, d_ff=2048, placement=placement,
+                                                         attention="sdpa"))
+        candidates[f"{placement} fp32"] = train_step(block, x, grad)
+        candidates[f"{placement} bf16 autocast"] = train_step(block, x, grad, autocast=True)
+    result = medians(candidates, 3 if quick else 5)
+    lines = [f"bf16 autocast, block training step, batch {batch}, S={seq}, d 512:", "",
+             "| run | ms | speed-up over fp32 |", "|---|---|---|"]
+    verdicts = []
+    for placement in ("post", "pre"):
+        fp32, bf16 = result[f"{placement} fp32"], result[f"{placement} bf16 autocast"]
+        lines += [f"| {placement} fp32 | {fp32 * 1e3:.1f} | 1.00 |", f"| {placement} bf16 autocast | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f} |"]
+        verdicts.append(f"{'met' if fp32 / bf16 >= 1.5 else 'NOT met'}: bf16 autocast {placement}-LN step "
+                        f"{fp32 / bf16:.2f}x faster than fp32 (target >= 1.5x)")
+    n = len(tformer.NORMS) * len(tformer.PLACEMENTS)
+    lines += ["", f"Every norm x placement under bf16 autocast: {n - len(failures)} of {n} ran forward and backward "
+              "with finite values" + (f"; failed: {', '.join(failures)}" if failures else "") + ".", ""]
+    verdicts.append(f"{'met' if not failures else 'NOT met'}: bf16 autocast works for {n - len(failures)}/{n} "
+                    "norm x placement combinations")
+    return lines, verdicts
+
+
+def section_compile(quick: bool) -> tuple[list[str], list[str]]:
+    batch, seq = 8, 256
+    torch.manual_seed(0)
+    x, grad = torch.randn(batch, seq, 512), torch.randn(batch, seq, 512)
+    placements = ["post", "pre"] if quick else list(tformer.PLACEMENTS)
+    lines = [f"torch.compile(fullgraph=True), block training step, batch {batch}, S={seq}, d 512, LayerNorm "
+             "(and PowerNorm post):", "", "| block | compiles | compile s | eager ms | compiled ms | speed-up |",
+             "|---|---|---|---|---|---|"]
+    failures = []
+    for norm, placement in [("layernorm", p) for p in placements] + [("powernorm", "post")]:
+        block = tformer.EncoderBlock(tformer.BlockConfig(d_model=512, n_heads=8, d_ff=2048, norm=norm,
+                                                         placement=placement, attention="sdpa"))
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(block), fullgraph=True)
+        start = time.perf_counter()
+        try:
+            train_step(compiled, x, grad)()
+        except Exception as error:  # report, do not stop the suite
+            failures.append(f"{norm}/{placement}: {type(error).__name__}")
+            lines.append(f"| {placement} {norm} | no: {type(error).__name__} | - | - | - | - |")
+            continue
+        compile_s = time.perf_counter() - start
+        result = medians({"eager": train_step(block, x, grad), "compiled": train_step(compiled, x, grad)}, 3)
+        lines.append(f"| {placement} {norm} | yes | {compile_s:.1f} | {result['eager'] * 1e3:.1f} | "
+                     f"{result['compiled'] * 1e3:.1f} | {result['eager'] / result['compiled']:.2f} |")
+    verdict = (f"{'met' if not failures else 'NOT met'}: torch.compile(fullgraph=True) for "
+               f"{len(placements) + 1 - len(failures)}/{len(placements) + 1} measured blocks"
+               + (f" (failed: {'; '.join(failures)})" if failures else ""))
+    return lines + [""], [verdict]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: train inference norms placements "
+                                                               "memory bf16 compile")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    rates = matmul_rates(args.quick)
+    header = [
+        "# Benchmarks", "",
+        f"Machine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; tformer {tformer.__version__}; "
+        f"mode: {'quick' if args.quick else 'full'}. Written by `python benchmarks/run.py{' --quick' if args.quick else ''}`. "
+        "Medians of round-robin repeats; every ratio is against a baseline measured in the same run.", "",
+        f"Matmul rate measured in this run: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s.", "",
+    ]
+    sections = {"train": lambda q: section_train(q, rates), "inference": section_inference, "norms": section_norms,
+                "placements": section_placements, "memory": section_memory, "bf16": section_bf16,
+                "compile": section_compile}
+    body, verdicts = [], []
+    for name, run in sections.items():
+        if name in args.skip:
+            continue
+        print(f"[{name}]", flush=True)
+        lines, section_verdicts = run(args.quick)
+        print("\n".join(lines), flush=True)
+        body += [f"## {name}", "", *lines]
+        verdicts += section_verdicts
+    summary = ["## Targets", "", *[f"- {v}" for v in verdicts], ""]
+    Path(args.out).write_text("\n".join(header + summary + body))
+    print("\n".join(summary))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
