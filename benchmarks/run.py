@@ -265,12 +265,33 @@ def section_compile(quick: bool) -> tuple[list[str], list[str]]:
     return lines + [""], [verdict]
 
 
+def section_monitor(quick: bool) -> tuple[list[str], list[str]]:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--rounds",
+                          "4" if quick else "8"], capture_output=True, text=True, check=True).stdout
+    table = {}
+    for line in out.splitlines():
+        parts = line.rsplit(maxsplit=2)
+        try:
+            table[parts[0].strip()] = (float(parts[1]), float(parts[2]))
+        except (ValueError, IndexError):
+            continue  # header and footer lines
+    lines = ["Training-time monitor (`benchmarks/monitor_overhead.py`), 4-layer LM, d 128, batch 16 x 128:", "",
+             "| configuration | ms/step | / never monitored |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {ratio:.3f} |" for name, (ms, ratio) in table.items()]
+    detached = next(r for n, (ms, r) in table.items() if n.startswith("monitor detached"))
+    noise = next(r for n, (ms, r) in table.items() if "2nd copy" in n)
+    attached = next(r for n, (ms, r) in table.items() if n.startswith("monitor attached"))
+    ok = abs(detached - 1.0) <= max(0.03, 2 * abs(noise - 1.0))
+    return lines + [""], [f"{'met' if ok else 'NOT met'}: detached monitor {detached:.3f}x a never-monitored model "
+                          f"(noise between identical copies {noise:.3f}x); attached at every=10: {attached:.3f}x"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: train inference norms placements "
-                                                               "memory bf16 compile")
+                                                               "memory bf16 compile monitor")
     args = parser.parse_args()
     torch.manual_seed(0)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -285,7 +306,7 @@ def main() -> None:
     ]
     sections = {"train": lambda q: section_train(q, rates), "inference": section_inference, "norms": section_norms,
                 "placements": section_placements, "memory": section_memory, "bf16": section_bf16,
-                "compile": section_compile}
+                "compile": section_compile, "monitor": section_monitor}
     body, verdicts = [], []
     for name, run in sections.items():
         if name in args.skip:
