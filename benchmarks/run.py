@@ -284,7 +284,7 @@ def section_monitor(quick: bool) -> tuple[list[str], list[str]]:
     detached = next(r for n, (ms, r) in table.items() if n.startswith("monitor detached"))
     noise = next(r for n, (ms, r) in table.items() if "2nd copy" in n)
     attached = next(r for n, (ms, r) in table.items() if n.startswith("monitor attached"))
-    ok = abs(detached - 1.0) <= max(0.03, 2 * abs(noise - 1.0))
+    ok = detached - 1.0 <= max(0.03, 2 * abs(noise - 1.0))  # only a slowdown beyond noise fails
     return lines + [""], [f"{'met' if ok else 'NOT met'}: detached monitor {detached:.3f}x a never-monitored model "
                           f"(noise between identical copies {noise:.3f}x); attached at every=10: {attached:.3f}x"]
 
