@@ -68,6 +68,11 @@ def split_tokens(tokens: Tensor, val_fraction: float) -> tuple[Tensor, Tensor]:
     return tokens[:cut], tokens[cut:]
 
 
+def corpus_splits(path: str | os.PathLike | None = None, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
+    """The corpus at ``path`` (default: built-in) as byte tokens, split into (train, validation)."""
+    return split_tokens(ByteTokenizer().encode(load_corpus(path)), val_fraction)
+
+
 def _generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 

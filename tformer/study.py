@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import BlockConfig
-from .data import ByteTokenizer, load_corpus, split_tokens
+from .data import corpus_splits
 from .recipe_config import load_config
 from .training import TrainingDiverged, recipe_defaults, train
 
@@ -48,7 +48,7 @@ class StudyRow:
 
 def unigram_entropy(path: str = "python_docs", val_fraction: float = 0.1) -> float:
     """Entropy (nats/byte) of the training split's byte frequencies: the loss of a model without context."""
-    tokens, _ = split_tokens(ByteTokenizer().encode(load_corpus(path)), val_fraction)
+    tokens, _ = corpus_splits(path, val_fraction)
     counts = Counter(tokens.tolist())
     total = sum(counts.values())
     return -sum(c / total * math.log(c / total) for c in counts.values())

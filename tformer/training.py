@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .config import BlockConfig
-from .data import ByteTokenizer, LMBatches, Seq2SeqTask, eval_windows, load_corpus, split_tokens
+from .data import ByteTokenizer, LMBatches, Seq2SeqTask, corpus_splits, eval_windows
 from .errors import CheckpointError, ConfigError
 from .models import EncoderDecoder, LanguageModel
 from .recipe_config import dump_config
@@ -157,8 +157,7 @@ class LanguageModelTask:
     def __init__(self, config: dict, world: Dist, device: torch.device):
         data = config["data"]
         self.tokenizer = ByteTokenizer()
-        tokens = self.tokenizer.encode(load_corpus(data["path"]))
-        train_tokens, val_tokens = split_tokens(tokens, data["val_fraction"])
+        train_tokens, val_tokens = corpus_splits(data["path"], data["val_fraction"])
         self.seq_len = data["seq_len"]
         if self.seq_len > config["model"]["max_seq_len"]:
             raise ConfigError(f"data.seq_len={self.seq_len} exceeds model.max_seq_len={config['model']['max_seq_len']}")

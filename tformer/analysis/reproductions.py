@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BlockConfig
-from ..data import ByteTokenizer, LMBatches, load_corpus, split_tokens
+from ..data import LMBatches, corpus_splits
 from ..models import LanguageModel
 from .scales import expected_gradient_scales, find_blocks
 
@@ -32,7 +32,7 @@ class Reproduction:
 
 
 def corpus_batches(n_batches: int, batch_size: int = 8, seq_len: int = 128, seed: int = 0):
-    tokens, _ = split_tokens(ByteTokenizer().encode(load_corpus()), 0.1)
+    tokens, _ = corpus_splits()
     data = LMBatches(tokens, batch_size, seq_len, seed)
     return [data.batch(step) for step in range(n_batches)]
 
@@ -243,7 +243,7 @@ def xiong_lemma2(out: Path, quick: bool = False) -> str:
 def deepnet_updates(out: Path, quick: bool = False) -> str:
     n_layers, steps = (12, 30) if quick else (30, 100)
     seq_len, d_model = 64, 64
-    tokens, _ = split_tokens(ByteTokenizer().encode(load_corpus()), 0.1)
+    tokens, _ = corpus_splits()
     data = LMBatches(tokens, 16, seq_len, seed=0)
     probe = data.batch(10_000)[0]
     rows, status = [], {}
