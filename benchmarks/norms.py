@@ -1,15 +1,25 @@
-"""Forward+backward time of every registered norm against torch.nn.LayerNorm, measured in one run.
+"""Forward+backward time of every norm, and of every way to compute RMSNorm, in one run.
 
-    python benchmarks/norms.py                 # (8, 2048, 1024), 7 repeats
+    python benchmarks/norms.py                       # (8, 2048, 1024), 7 repeats
     python benchmarks/norms.py --shape 8 256 512 --repeats 11
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/norms.py   # PyTorch's huge-page allocation
+    python benchmarks/norms.py --json                # machine-readable (benchmarks/run.py uses it)
 
-Prints the median time per norm and its ratio to ``nn.LayerNorm`` (the fused kernel) and to
-``nn.RMSNorm`` measured in the same process, so the shared machine's noise cancels out.
+Prints the median time per candidate and its ratio to ``nn.LayerNorm`` (the fused kernel)
+measured in the same process, so the shared machine's noise cancels out. The RMSNorm options:
+
+- ``nn.RMSNorm``: PyTorch's composite (no fused CPU kernel);
+- ``torch.compile(nn.RMSNorm)``: inductor's generated C++ (compile time excluded);
+- ``tformer rmsnorm, LayerNorm-backward route``: ``RMSNormFunction``, used without a compiler;
+- ``tformer rmsnorm``: the default, the C kernel of ``tformer.kernels``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import statistics
 import time
 
@@ -17,40 +27,72 @@ import torch
 from torch import nn
 
 import tformer
+from tformer import kernels
+from tformer.norms import RMSNormFunction
 
 
-def time_fwd_bwd(norm: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    leaf = x.detach().requires_grad_(True)
-    start = time.perf_counter()
-    norm(leaf).backward(grad)
-    return time.perf_counter() - start
+class LayerNormRouteRMSNorm(nn.Module):
+    """tformer's RMSNorm forced onto its no-compiler route."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNormFunction.apply(x, self.weight, 1e-5)
+
+
+def candidates(d: int) -> dict[str, nn.Module]:
+    norms = {"nn.LayerNorm": nn.LayerNorm(d), "nn.RMSNorm": nn.RMSNorm(d, eps=1e-5),
+             "torch.compile(nn.RMSNorm)": torch.compile(nn.RMSNorm(d, eps=1e-5), dynamic=False),
+             "tformer rmsnorm, LayerNorm-backward route": LayerNormRouteRMSNorm(d)}
+    norms.update({f"tformer {name}": tformer.make_norm(name, d) for name in tformer.NORMS if name != "none"})
+    return norms
+
+
+def measure(shape: tuple[int, int, int], repeats: int) -> dict[str, float]:
+    """Median seconds of forward+backward per candidate, after one warm-up round.
+
+    Every round runs all candidates in a fresh random order: drift on a shared machine hits all
+    alike, and each timed call follows an untimed call of the same candidate (what ran just before
+    changes the allocator's and the caches' state: with a fixed order some ratios moved by 20%).
+    """
+    torch.manual_seed(0)
+    x, grad = torch.randn(shape), torch.randn(shape)
+    norms = candidates(shape[-1])
+    times: dict[str, list[float]] = {name: [] for name in norms}
+    order = random.Random(0)
+    for repeat in range(repeats + 1):  # the first round warms up the allocator, kernels and compiler
+        names = list(norms)
+        order.shuffle(names)
+        for name in names:
+            norm = norms[name]
+            for timed in (False, True):  # an untimed call first: the state the previous one left
+                leaf = x.detach().requires_grad_(True)
+                start = time.perf_counter()
+                norm(leaf).backward(grad)
+                if repeat and timed:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=[8, 2048, 1024], metavar=("B", "S", "D"))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="print {candidate: seconds} as JSON")
     args = parser.parse_args()
-    batch, seq, d = args.shape
-    torch.manual_seed(0)
-    x, grad = torch.randn(batch, seq, d), torch.randn(batch, seq, d)
-    candidates = {"nn.LayerNorm": nn.LayerNorm(d), "nn.RMSNorm": nn.RMSNorm(d, eps=1e-5)}
-    for name in tformer.NORMS:
-        if name != "none":
-            candidates[f"tformer {name}"] = tformer.make_norm(name, d)
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for repeat in range(args.repeats + 1):  # round-robin, so drift on a shared machine hits all alike
-        for name, norm in candidates.items():
-            seconds = time_fwd_bwd(norm, x, grad)
-            if repeat:  # the first round warms up the allocator and kernels
-                times[name].append(seconds)
-    results = {name: statistics.median(t) for name, t in times.items()}
-    ln, rms = results["nn.LayerNorm"], results["nn.RMSNorm"]
+    results = measure(tuple(args.shape), args.repeats)
+    if args.json:
+        print(json.dumps(results))
+        return
+    ln = results["nn.LayerNorm"]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, shape {tuple(args.shape)}, "
-          f"median of {args.repeats}")
-    print(f"{'norm':22s} {'ms':>8s} {'/ LayerNorm':>12s} {'/ nn.RMSNorm':>13s}")
+          f"median of {args.repeats}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
+          f"C kernels {kernels.status()}")
+    print(f"{'candidate':42s} {'ms':>8s} {'/ LayerNorm':>12s}")
     for name, seconds in results.items():
-        print(f"{name:22s} {seconds * 1e3:8.1f} {seconds / ln:12.2f} {seconds / rms:13.2f}")
+        print(f"{name:42s} {seconds * 1e3:8.2f} {seconds / ln:12.2f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import os
 import platform
 import statistics
 import subprocess
@@ -141,20 +143,38 @@ def _no_grad(module, x):
         module(x)
 
 
+def _norms_in_subprocess(shape: tuple[int, int, int], repeats: int, env: dict[str, str]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "norms.py"), "--json", "--shape", *map(str, shape),
+                          "--repeats", str(repeats)], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def section_norms(quick: bool) -> tuple[list[str], list[str]]:
-    shape = (4, 1024, 1024) if quick else (8, 2048, 1024)
-    d = shape[-1]
-    torch.manual_seed(0)
-    x, grad = torch.randn(shape), torch.randn(shape)
-    norms = {"nn.LayerNorm": nn.LayerNorm(d), "nn.RMSNorm": nn.RMSNorm(d, eps=1e-5)}
-    norms.update({f"tformer {n}": tformer.make_norm(n, d) for n in tformer.NORMS if n != "none"})
-    result = medians({n: train_step(m, x, grad) for n, m in norms.items()}, 3 if quick else 7)
-    ln = result["nn.LayerNorm"]
-    lines = [f"Norms, forward + backward at {shape}:", "", "| norm | ms | / nn.LayerNorm |", "|---|---|---|"]
-    lines += [f"| {n} | {s * 1e3:.1f} | {s / ln:.2f} |" for n, s in result.items()]
-    ratio = result["tformer rmsnorm"] / ln
-    verdicts = [f"{'met' if ratio <= 1.0 else 'NOT met'}: RMSNorm forward+backward {ratio:.2f}x nn.LayerNorm "
-                f"(nn.RMSNorm: {result['nn.RMSNorm'] / ln:.2f}x; target <= 1.0x)"]
+    """Every norm and every RMSNorm option, in three allocation regimes (``benchmarks/norms.py``)."""
+    big = (4, 1024, 1024) if quick else (8, 2048, 1024)
+    repeats = 5 if quick else 15
+    runs = {f"{big}, default allocator": _norms_in_subprocess(big, repeats, {}),
+            f"{big}, THP_MEM_ALLOC_ENABLE=1": _norms_in_subprocess(big, repeats, {"THP_MEM_ALLOC_ENABLE": "1"}),
+            "(8, 256, 512), default allocator": _norms_in_subprocess((8, 256, 512), repeats * 2, {})}
+    names = list(next(iter(runs.values())))
+    lines = ["Norms, forward + backward, ratio to nn.LayerNorm measured in the same process "
+             "(`benchmarks/norms.py`; ms in brackets). At the large shape with the default allocator every "
+             "candidate is bound by page faults on its fresh 64 MB outputs (glibc returns blocks over 32 MB "
+             "to the OS); PyTorch's THP_MEM_ALLOC_ENABLE=1 maps them as huge pages instead. "
+             "`tformer layernorm` runs the same kernel as nn.LayerNorm: its ratio shows the noise.", "",
+             "| candidate | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for name in names:
+        cells = [f"{r[name] / r['nn.LayerNorm']:.2f} ({r[name] * 1e3:.1f})" for r in runs.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    verdicts = []
+    for regime, r in runs.items():
+        ratio = r["tformer rmsnorm"] / r["nn.LayerNorm"]
+        noise = abs(r["tformer layernorm"] / r["nn.LayerNorm"] - 1.0)
+        state = "met" if ratio <= 1.0 else ("at parity within noise" if ratio <= 1.0 + noise else "NOT met")
+        verdicts.append(f"{state}: RMSNorm forward+backward {ratio:.2f}x nn.LayerNorm at {regime} "
+                        f"(nn.RMSNorm {r['nn.RMSNorm'] / r['nn.LayerNorm']:.2f}x; the same LayerNorm kernel "
+                        f"twice: {r['tformer layernorm'] / r['nn.LayerNorm']:.2f}x; target <= 1.0x)")
     return lines + [""], verdicts
 
 

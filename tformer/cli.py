@@ -13,6 +13,7 @@ def _info(args: argparse.Namespace) -> int:
     import torch
 
     import tformer
+    from tformer import kernels
     from tformer.backends import resolve_backend
 
     probe = torch.zeros(1, 1, 1, 8, device=args.device)
@@ -21,6 +22,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"placements:  {', '.join(tformer.PLACEMENTS)}")
     print(f"activations: {', '.join(tformer.ACTIVATIONS)}")
     print(f"attention:   {', '.join(tformer.BACKENDS)}; 'auto' runs {resolve_backend('auto', probe)!r} on {args.device}")
+    print(f"C kernels:   {kernels.status()} (RMSNorm on CPU; {kernels.ENV_SWITCH}=0 switches them off)")
     return 0
 
 
