@@ -190,15 +190,29 @@ def _check(name: str, weight: Tensor, *rows: Tensor) -> None:
 
 
 def _library() -> ctypes.CDLL:
-    if not available():
+    if _lib is None and not available():
         raise RuntimeError(f"tformer's C kernels are {status()}")
-    assert _lib is not None
     return _lib
 
 
 def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(y, rstd)`` for contiguous ``x`` of shape ``(..., d)``; ``rstd`` has shape ``x.shape[:-1]``."""
     _check("rms_norm_forward", weight, x)
+    return _forward(x, weight, eps)
+
+
+def rms_norm_backward(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_weight)`` from the forward's ``x`` and ``rstd``."""
+    _check("rms_norm_backward", weight, grad_y, x)
+    if grad_y.shape != x.shape or rstd.shape != x.shape[:-1] or rstd.dtype != x.dtype:
+        raise ValueError(f"rms_norm_backward: shapes grad {tuple(grad_y.shape)}, x {tuple(x.shape)}, "
+                         f"rstd {tuple(rstd.shape)} ({rstd.dtype}) do not fit together")
+    return _backward(grad_y, x, weight, rstd.contiguous())
+
+
+# Unchecked versions for tformer.norms, which has checked what they need (a few microseconds a call).
+
+def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     d = x.shape[-1]
     y, rstd = torch.empty_like(x), x.new_empty(x.shape[:-1])
     if x.numel():
@@ -208,14 +222,9 @@ def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Ten
     return y, rstd
 
 
-def rms_norm_backward(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(grad_x, grad_weight)`` from the forward's ``x`` and ``rstd``."""
-    _check("rms_norm_backward", weight, grad_y, x)
-    if grad_y.shape != x.shape or rstd.shape != x.shape[:-1] or rstd.dtype != x.dtype:
-        raise ValueError(f"rms_norm_backward: shapes grad {tuple(grad_y.shape)}, x {tuple(x.shape)}, "
-                         f"rstd {tuple(rstd.shape)} ({rstd.dtype}) do not fit together")
+def _backward(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """All of them contiguous; ``rstd`` as the forward returned it."""
     d = x.shape[-1]
-    rstd = rstd.contiguous()  # held in a name: the kernel reads it through a raw pointer
     parts = max(1, torch.get_num_threads())
     grad_x, partial = torch.empty_like(x), x.new_zeros(parts, d)
     if x.numel():
