@@ -269,8 +269,8 @@ def section_compile(quick: bool) -> tuple[list[str], list[str]]:
         combos = [(n, p) for p in tformer.PLACEMENTS for n in tformer.NORMS]
     lines = [f"torch.compile(fullgraph=True) of an EncoderBlock (sdpa), training step, batch {batch}, S={seq}, "
              f"d {d}, ff {4 * d}; compile time is the first step with inductor's caches disabled (cold); "
-             "'same' compares the compiled block's first output and input gradient with eager's (max abs "
-             "difference):", "",
+             "'same' compares the compiled block's first output and input gradient with eager's (relative "
+             "error, ||compiled - eager|| / ||eager||, the larger of the two; fp32):", "",
              "| placement | norm | compiles | compile s | same | eager ms | compiled ms | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     failures, per_placement = [], {}
@@ -293,8 +293,8 @@ def section_compile(quick: bool) -> tuple[list[str], list[str]]:
             failures.append(f"{norm}/{placement}: {type(error).__name__}")
             lines.append(f"| {placement} | {norm} | no: {type(error).__name__} | - | - | - | - | - |")
             continue
-        diff = max((a - b).abs().max().item() for a, b in zip(outputs[0], outputs[1]))
-        if not diff <= 1e-3:
+        diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(outputs[0], outputs[1]))
+        if not diff <= 1e-3:  # fp32 rounding, amplified by backward through the norms, stays far below
             failures.append(f"{norm}/{placement}: differs by {diff:.1e}")
         result = medians({"eager": train_step(eager, x, grad), "compiled": train_step(compiled, x, grad)}, 3)
         speedup = result["eager"] / result["compiled"]
