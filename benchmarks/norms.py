@@ -11,7 +11,8 @@ measured in the same process, so the shared machine's noise cancels out. The RMS
 - ``nn.RMSNorm``: PyTorch's composite (no fused CPU kernel);
 - ``torch.compile(nn.RMSNorm)``: inductor's generated C++ (compile time excluded);
 - ``tformer rmsnorm, LayerNorm-backward route``: ``RMSNormFunction``, used without a compiler;
-- ``tformer rmsnorm``: the default, the C kernel of ``tformer.kernels``.
+- ``tformer rmsnorm``: the default, the C kernel of ``tformer.kernels``, which asks for huge
+  pages on outputs over 32 MiB; ``tformer rmsnorm, no huge-page advice``: the same kernel without.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -42,12 +44,28 @@ class LayerNormRouteRMSNorm(nn.Module):
         return RMSNormFunction.apply(x, self.weight, 1e-5)
 
 
-def candidates(d: int) -> dict[str, nn.Module]:
+def forward_backward(norm: nn.Module, hugepages: bool = True):
+    """One forward+backward of ``norm``; ``hugepages=False`` runs the C kernel without its madvise."""
+    def run(x: torch.Tensor, grad: torch.Tensor) -> None:
+        saved = kernels._hugepages
+        kernels._hugepages = saved and hugepages
+        try:
+            norm(x).backward(grad)
+        finally:
+            kernels._hugepages = saved
+    return run
+
+
+def candidates(d: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], None]]:
     norms = {"nn.LayerNorm": nn.LayerNorm(d), "nn.RMSNorm": nn.RMSNorm(d, eps=1e-5),
              "torch.compile(nn.RMSNorm)": torch.compile(nn.RMSNorm(d, eps=1e-5), dynamic=False),
              "tformer rmsnorm, LayerNorm-backward route": LayerNormRouteRMSNorm(d)}
     norms.update({f"tformer {name}": tformer.make_norm(name, d) for name in tformer.NORMS if name != "none"})
-    return norms
+    runs = {name: forward_backward(norm) for name, norm in norms.items()}
+    kernels.available()  # load now, so the variant below knows whether huge pages are on
+    if kernels._hugepages:
+        runs["tformer rmsnorm, no huge-page advice"] = forward_backward(norms["tformer rmsnorm"], hugepages=False)
+    return runs
 
 
 def measure(shape: tuple[int, int, int], repeats: int) -> dict[str, float]:
@@ -66,11 +84,10 @@ def measure(shape: tuple[int, int, int], repeats: int) -> dict[str, float]:
         names = list(norms)
         order.shuffle(names)
         for name in names:
-            norm = norms[name]
             for timed in (False, True):  # an untimed call first: the state the previous one left
                 leaf = x.detach().requires_grad_(True)
                 start = time.perf_counter()
-                norm(leaf).backward(grad)
+                norms[name](leaf, grad)
                 if repeat and timed:
                     times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}

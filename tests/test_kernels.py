@@ -154,13 +154,21 @@ def test_a_broken_compiler_falls_back_and_says_why(fresh_kernels, monkeypatch, c
 
 
 @needs_kernels
+def test_compiler_command_with_arguments(fresh_kernels, monkeypatch):
+    """CC may be a command line ("ccache gcc", "gcc -m64"), as in make."""
+    monkeypatch.setenv("CC", f"{kernels._compiler()[0]} -DTFORMER_UNUSED_DEFINE=1")
+    assert kernels.status().available, kernels.status().reason
+
+
+@needs_kernels
 def test_built_once_then_loaded_from_the_cache(fresh_kernels):
     first = kernels.status()
-    assert first.available and first.path.startswith(str(fresh_kernels))
+    assert first.available and first.reason == "built" and first.path.startswith(str(fresh_kernels))
     stamp = os.stat(first.path).st_mtime_ns
     kernels._reset()
     second = kernels.status()
     assert second.path == first.path and os.stat(second.path).st_mtime_ns == stamp
+    assert second.reason == "loaded from the cache"
     assert [p.name for p in fresh_kernels.iterdir()] == [os.path.basename(first.path)]  # no temporaries
 
 
@@ -204,3 +212,30 @@ def test_second_derivative_is_refused_not_wrong(route):
     (grad,) = torch.autograd.grad(ROUTES[route](x, weight, 1e-5).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         torch.autograd.grad(grad.sum(), x)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hugepages", ["1", "0"])
+def test_huge_page_advice_leaves_results_alone(fresh_kernels, monkeypatch, hugepages):
+    """A 64 MiB output takes the madvise path (or not, when switched off): same numbers either way."""
+    monkeypatch.setenv(kernels.ENV_HUGEPAGES, hugepages)
+    assert kernels.available() and kernels._hugepages == (hugepages == "1")
+    torch.manual_seed(0)
+    x = torch.randn(4096, 4096)  # 64 MiB: above HUGEPAGE_MIN_BYTES
+    assert x.numel() * 4 >= kernels.HUGEPAGE_MIN_BYTES
+    weight, grad = torch.randn(4096), torch.randn(4096, 4096)
+    y, gx, gw = run(rms_norm, x, weight, 1e-5, grad)
+    rows = slice(0, 4096, 97)  # a sample of rows against the float64 reference
+    want = reference(x[rows], weight, 1e-5, grad[rows])
+    torch.testing.assert_close(y[rows].double(), want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx[rows].double(), want[1], rtol=1e-5, atol=1e-5)
+    full = reference(x, weight, 1e-5, grad)[2]
+    torch.testing.assert_close(gw.double(), full, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
+def test_advice_is_refused_for_less_than_one_aligned_huge_page():
+    kernels.available()
+    small = torch.empty(1024)
+    assert kernels._lib.tformer_advise_hugepages(small.data_ptr(), 4096) == -1
+    assert kernels._lib.tformer_advise_hugepages(small.data_ptr(), 0) == -1

@@ -10,6 +10,12 @@ the source, the compiler, its flags and the CPU, and loaded from there afterward
 When no compiler is found, the build fails, or ``TFORMER_CPU_KERNELS=0`` is set, ``available()``
 is False, ``status()`` says why, and the callers use their pure-PyTorch route instead (same
 results to rounding, somewhat slower). Nothing here runs at import time.
+
+Outputs over 32 MiB are fresh mmaps whose first write costs one page fault per 4 KiB (at
+(8, 2048, 1024) that is more time than the arithmetic, for ``nn.LayerNorm`` too); the kernels ask
+for transparent huge pages on them first (``madvise``, Linux, where THP is in "madvise" or
+"always" mode), which PyTorch itself does only under ``THP_MEM_ALLOC_ENABLE=1``.
+``TFORMER_HUGEPAGES=0`` switches that off.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,8 +39,14 @@ __all__ = ["KERNEL_DTYPES", "KernelStatus", "available", "rms_norm_backward", "r
 
 ENV_SWITCH = "TFORMER_CPU_KERNELS"
 ENV_CACHE = "TFORMER_CACHE_DIR"
+ENV_HUGEPAGES = "TFORMER_HUGEPAGES"
+#: Outputs at least this big get ``madvise(MADV_HUGEPAGE)`` before the kernel writes them. glibc
+#: serves blocks over 32 MiB (its largest mmap threshold on 64-bit) with a fresh mmap every time,
+#: so each one page-faults 4 KiB at a time; smaller blocks come back from the heap already mapped,
+#: and advising those measured slower (16 MiB: 4.5 vs 3.6 ms).
+HUGEPAGE_MIN_BYTES = 32 << 20
 SOURCE = Path(__file__).with_name("rmsnorm.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: dtypes the C kernels take (input, weight and outputs all of that dtype)
 KERNEL_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 # -march=native: the library is built on, and keyed to, the CPU it runs on
@@ -63,6 +76,7 @@ class KernelStatus:
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status: KernelStatus | None = None
+_hugepages = False
 
 
 def available() -> bool:
@@ -72,19 +86,24 @@ def available() -> bool:
 
 def status() -> KernelStatus:
     """The kernels' state; the first call builds or loads them."""
-    global _lib, _status
+    global _lib, _status, _hugepages
     if _status is None:
         with _lock:
             if _status is None:
                 _lib, _status = _load()
+                _hugepages = _lib is not None and not _switched_off(ENV_HUGEPAGES)
     return _status
 
 
 def _reset() -> None:
     """Forget the loaded state so the next call looks again (tests switch the environment)."""
-    global _lib, _status
+    global _lib, _status, _hugepages
     with _lock:
-        _lib, _status = None, None
+        _lib, _status, _hugepages = None, None, False
+
+
+def _switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in {"0", "false", "no", "off"}
 
 
 def cache_dir() -> Path:
@@ -94,8 +113,12 @@ def cache_dir() -> Path:
     return Path(base) / "tformer"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` (may carry arguments, e.g. ``ccache gcc``), else cc, gcc, clang."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
 
 
 def _cpu_signature() -> str:
@@ -109,41 +132,43 @@ def _cpu_signature() -> str:
 
 
 def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}:
+    if _switched_off(ENV_SWITCH):
         return None, KernelStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     compiler = _compiler()
     if compiler is None:
         return None, KernelStatus(False, "no C compiler found (set CC, or install gcc or clang)")
     source = SOURCE.read_bytes()
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
-        return None, KernelStatus(False, f"C compiler {compiler!r} does not run: {error}")
+        return None, KernelStatus(False, f"C compiler {shlex.join(compiler)!r} does not run: {error}")
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(
-            b"\0".join([source, compiler.encode(), version.encode(), " ".join(flags).encode(),
+            b"\0".join([source, shlex.join(compiler).encode(), version.encode(), " ".join(flags).encode(),
                         _cpu_signature().encode()])
         ).hexdigest()[:16]
         path = cache_dir() / f"rmsnorm-{key}.so"
+        how = "loaded from the cache"
         if not path.exists():
             error = _build(compiler, flags, path)
             if error:
                 errors.append(error)
                 continue
+            how = "built"
         try:
             lib = ctypes.CDLL(str(path))
             if lib.tformer_kernels_abi() != ABI_VERSION:
                 raise OSError(f"{path} has ABI {lib.tformer_kernels_abi()}, expected {ABI_VERSION}")
+            _declare(lib)
         except (OSError, AttributeError) as error:
             errors.append(f"loading {path}: {error}")
             continue
-        _declare(lib)
-        return lib, KernelStatus(True, "built", str(path), bool(lib.tformer_kernels_openmp()))
+        return lib, KernelStatus(True, how, str(path), bool(lib.tformer_kernels_openmp()))
     return None, KernelStatus(False, "building the C kernels failed: " + " | ".join(errors))
 
 
-def _build(compiler: str, flags: list[str], path: Path) -> str | None:
+def _build(compiler: list[str], flags: list[str], path: Path) -> str | None:
     """Compile into a temporary file next to ``path`` and rename it (concurrent builds are safe)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,15 +176,16 @@ def _build(compiler: str, flags: list[str], path: Path) -> str | None:
         os.close(fd)
     except OSError as error:
         return f"cache directory {path.parent}: {error}"
+    command = [*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            return f"{compiler} {' '.join(flags)}: {done.stderr.strip().splitlines()[-1:] or done.returncode}"
+            last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            return f"{shlex.join(command)}: {last}"
         os.replace(tmp, path)
         return None
     except (OSError, subprocess.SubprocessError) as error:
-        return f"{compiler} {' '.join(flags)}: {error}"
+        return f"{shlex.join(command)}: {error}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -174,6 +200,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"tformer_rmsnorm_backward_{suffix}")
         backward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, c_int]
         backward.restype = None
+    lib.tformer_advise_hugepages.argtypes = [pointer, i64]
+    lib.tformer_advise_hugepages.restype = c_int
 
 
 def _check(name: str, weight: Tensor, *rows: Tensor) -> None:
@@ -212,9 +240,18 @@ def rms_norm_backward(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -
 
 # Unchecked versions for tformer.norms, which has checked what they need (a few microseconds a call).
 
+def _fresh_like(x: Tensor) -> Tensor:
+    """``empty_like(x)``, with huge pages asked for when it is big (see ``HUGEPAGE_MIN_BYTES``)."""
+    out = torch.empty_like(x)
+    nbytes = out.numel() * out.element_size()
+    if _hugepages and nbytes >= HUGEPAGE_MIN_BYTES:
+        _lib.tformer_advise_hugepages(out.data_ptr(), nbytes)
+    return out
+
+
 def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     d = x.shape[-1]
-    y, rstd = torch.empty_like(x), x.new_empty(x.shape[:-1])
+    y, rstd = _fresh_like(x), x.new_empty(x.shape[:-1])
     if x.numel():
         getattr(_library(), f"tformer_rmsnorm_forward_{KERNEL_DTYPES[x.dtype]}")(
             x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.numel() // d, d,
@@ -226,7 +263,7 @@ def _backward(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[
     """All of them contiguous; ``rstd`` as the forward returned it."""
     d = x.shape[-1]
     parts = max(1, torch.get_num_threads())
-    grad_x, partial = torch.empty_like(x), x.new_zeros(parts, d)
+    grad_x, partial = _fresh_like(x), x.new_zeros(parts, d)
     if x.numel():
         getattr(_library(), f"tformer_rmsnorm_backward_{KERNEL_DTYPES[x.dtype]}")(
             grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),

@@ -13,8 +13,12 @@
  * Statistics accumulate in the element type (float or double); reductions are vectorized with
  * `omp simd`, which may reorder the sum: results equal the textbook formula to rounding.
  */
+#define _DEFAULT_SOURCE /* madvise */
 #include <math.h>
 #include <stdint.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -82,8 +86,27 @@
 TFORMER_RMSNORM(float, f32, sqrtf)
 TFORMER_RMSNORM(double, f64, sqrt)
 
+/* Ask for transparent huge pages on the 2 MB-aligned interior of a fresh, untouched output buffer.
+ * Writing a fresh 64 MB tensor otherwise costs 16384 page faults (about 20 ms here, more than the
+ * arithmetic); with huge pages it costs 32. Advice only: contents and lifetime are unchanged, and
+ * only whole 2 MB pages inside [p, p + bytes) are named, so no other allocation is touched.
+ * Returns 0 when advised, -1 otherwise (not Linux, no THP, too small). */
+int tformer_advise_hugepages(void *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  uintptr_t first = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+  uintptr_t last = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
+  if (bytes <= 0 || last <= first) return -1;
+  return madvise((void *)first, last - first, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+  return -1;
+#endif
+}
+
 /* Lets the loader check that the library it found is the one it compiled. */
-int tformer_kernels_abi(void) { return 1; }
+int tformer_kernels_abi(void) { return 2; }
 
 int tformer_kernels_openmp(void) {
 #ifdef _OPENMP
