@@ -149,12 +149,12 @@ def test_no_or_unknown_metadata(tmp_path, good):
     with pytest.raises(CheckpointError, match="format version '99' is unknown"):
         load(future)
     alien = tmp_path / "alien.safetensors"
-    save_file(tensors, alien, metadata={**header, "model": json.dumps({"class": "GPT5", "args": {}})})
+    save_file(tensors, alien, metadata={**header, "model": json.dumps({"class": "GPT5", "spec": {}})})
     with pytest.raises(CheckpointError, match="unknown model class 'GPT5'"):
         load(alien)
     broken = tmp_path / "broken.safetensors"
     description = json.loads(header["model"])
-    description["args"]["cfg"]["__BlockConfig__"]["norm"] = "batchnorm"
+    description["spec"]["cfg"]["norm"] = "batchnorm"
     save_file(tensors, broken, metadata={**header, "model": json.dumps(description)})
     with pytest.raises(CheckpointError, match="config does not build a Encoder.*norm='batchnorm'"):
         load(broken)

@@ -103,8 +103,13 @@ def test_make_norm_errors():
         make_norm("rmsnorm", D, warmup_iters=3)
 
 
-def test_deepnorm_alias_is_layernorm():
-    assert isinstance(make_norm("deepnorm", D), tformer.norms.LayerNorm)
+def test_deepnorm_is_a_config_shorthand_not_a_norm():
+    """``norm="deepnorm"`` is resolved by BlockConfig alone; the norm registry does not know it."""
+    assert "deepnorm" not in tformer.NORMS
+    with pytest.raises(ConfigError, match=r"BlockConfig shorthand.*make_norm\('layernorm'"):
+        make_norm("deepnorm", D)
+    cfg = tformer.BlockConfig(d_model=D, n_heads=2, d_ff=8, norm="deepnorm")
+    assert (cfg.norm, cfg.placement) == ("layernorm", "deepnorm")
 
 
 def test_rmsnorm_function_matches_native_in_float32_and_bf16():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import tformer
+from tformer.norms import NormFactory
 from tformer.placements import PLACEMENTS, LayerContext, build_placement
 
 D = 8
@@ -25,7 +26,7 @@ class AffineNorm(nn.Module):
 
 def _norm_factory():
     counter = iter(range(2, 100))
-    return lambda: AffineNorm(float(next(counter)))
+    return NormFactory(lambda: AffineNorm(float(next(counter))), D)
 
 
 def ln(x):
@@ -53,6 +54,12 @@ FORMULAS = {
     "rezero": lambda x: x + 0.0 * sublayer(x),
     "lnscaling": lambda x: x + sublayer(2 * ln(x) / math.sqrt(3)),  # layer index 2 -> l = 3
     "mixln": lambda x: x + sublayer(2 * ln(x)),  # layer 2 of 6: floor(0.25 * 6) = 1 post layer, so pre
+    # Stack-level placements, one sublayer from begin(x) to end(stream) without a final norm:
+    # ResiDual: x_a = 2 ln(x + F(x)), x_d = x + F(x), out = x_a + x_d.
+    "resi_dual": lambda x: 2 * ln(x + sublayer(x)) + x + sublayer(x),
+    # Hyper-connections at init (4 equal streams, a_m = e_(2 mod 4), a_r = I, b = 1): out = sum of
+    # the 4 streams x + F(2 ln x). tests/test_stack_placements.py checks them with trained weights.
+    "hyper": lambda x: 4 * (x + sublayer(2 * ln(x))),
 }
 
 
@@ -64,7 +71,8 @@ def test_every_registered_placement_has_a_formula_test():
 def test_placement_formula(name):
     placement = build_placement(name, _norm_factory(), LAYER).double()
     x = torch.randn(2, 3, D, dtype=torch.float64)
-    torch.testing.assert_close(placement(x, sublayer), FORMULAS[name](x), rtol=0, atol=1e-12)
+    out = placement.end(placement(placement.begin(x), sublayer), None)
+    torch.testing.assert_close(out, FORMULAS[name](x), rtol=0, atol=1e-12)
 
 
 def test_deepnorm_scales_the_residual_not_the_branch():
@@ -89,8 +97,8 @@ def test_mixln_post_fraction(n_layers, n_post):
 
 
 @pytest.mark.parametrize(
-    "name, needs", [("pre", True), ("sandwich", True), ("output", True), ("lnscaling", True),
-                    ("post", False), ("deepnorm", False), ("rezero", False)],
+    "name, needs", [("pre", True), ("sandwich", True), ("output", True), ("lnscaling", True), ("resi_dual", True),
+                    ("hyper", True), ("post", False), ("deepnorm", False), ("rezero", False)],
 )
 def test_final_norm_flags(name, needs):
     assert build_placement(name, _norm_factory(), LAYER).needs_final_norm is needs

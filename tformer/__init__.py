@@ -10,13 +10,14 @@ from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
 from .checkpoint import load, read_metadata, save
 from .config import BlockConfig
 from .deepnorm import deepnorm_constants
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedArgumentError
 from .feedforward import ACTIVATIONS
 from .init import INIT_SCHEMES
 from .interop import from_torch
 from .models import POSITIONS, EncoderDecoder, LanguageModel
 from .norms import NORMS, make_norm
 from .placements import PLACEMENTS, LayerContext, ResidualPlacement
+from .stack_placements import hyper_connections
 from .schedulers import SCHEDULERS, make_scheduler
 from .stacks import Decoder, Encoder
 
@@ -42,8 +43,10 @@ __all__ = [
     "LayerContext",
     "ResidualPlacement",
     "TransformerBlock",
+    "UnsupportedArgumentError",
     "deepnorm_constants",
     "from_torch",
+    "hyper_connections",
     "make_norm",
     "make_scheduler",
     "load",

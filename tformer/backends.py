@@ -50,6 +50,12 @@ AttentionFn = Callable[..., Tensor]
 BACKENDS: Registry[AttentionFn] = Registry("attention backend", field="attention")
 
 
+def check_causal_lengths(causal: bool, q_len: int, kv_len: int) -> None:
+    """Causal masks are aligned bottom-right, which needs at least as many keys as queries."""
+    if causal and q_len > kv_len:
+        raise ValueError(f"causal attention needs q_len <= kv_len, got q_len={q_len}, kv_len={kv_len}")
+
+
 def attention_mask(
     q_len: int, kv_len: int, *, causal: bool, kv_padding_mask: Tensor | None, device: torch.device
 ) -> tuple[Tensor | None, bool]:
@@ -59,8 +65,7 @@ def attention_mask(
     mask itself), ``(None, False)`` when everything is visible, else a mask broadcastable to
     ``(batch, heads, q_len, kv_len)``.
     """
-    if causal and q_len > kv_len:
-        raise ValueError(f"causal attention needs q_len <= kv_len, got q_len={q_len}, kv_len={kv_len}")
+    check_causal_lengths(causal, q_len, kv_len)
     if kv_padding_mask is None:
         if not causal or q_len == 1:
             return None, False
@@ -165,8 +170,7 @@ class XFormersAttention:
         from xformers.ops.fmha import attn_bias as xbias
 
         q_len, kv_len = q.shape[1], k.shape[1]
-        if causal and q_len > kv_len:
-            raise ValueError(f"causal attention needs q_len <= kv_len, got q_len={q_len}, kv_len={kv_len}")
+        check_causal_lengths(causal, q_len, kv_len)
         if kv_padding_mask is None and q_padding_mask is None:
             bias = None
             if causal and q_len > 1:
@@ -206,7 +210,7 @@ xformers_attention = BACKENDS.register("xformers")(XFormersAttention())
 @BACKENDS.register("auto")
 def auto_attention(q, k, v, **kwargs):
     """xformers where it can run (CUDA, fp16/bf16/fp32, working build), else SDPA."""
-    if q.is_cuda and q.dtype in XFORMERS_DTYPES and xformers_unavailable_reason(q.device) is None:
+    if resolve_backend("auto", q) == "xformers":
         try:
             return xformers_attention(q, k, v, **kwargs)
         except NotImplementedError:  # no xformers operator for this shape/dtype: SDPA handles it

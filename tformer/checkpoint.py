@@ -1,14 +1,14 @@
 """Checkpoints: one safetensors file per model, config and format version in its metadata.
 
 Nothing in a checkpoint is ever executed or unpickled: the header is parsed as JSON, the
-tensors are read by safetensors, and the model is rebuilt from a JSON description of its
-constructor arguments. Every way a file can be wrong raises ``CheckpointError`` naming the
+tensors are read by safetensors, and the model is rebuilt from its ``spec`` (the one frozen
+description each model class keeps of itself, ``tformer.spec``) stored as JSON. Format version 1
+(before specs) stored the constructor arguments instead; it still loads. Every way a file can be wrong raises ``CheckpointError`` naming the
 file and the problem. Writes are atomic: a temporary file in the same directory, fsync, rename.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import struct
@@ -21,21 +21,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .blocks import DecoderBlock, EncoderBlock
+from .blocks import DecoderBlock, DecoderBlockSpec, EncoderBlock, EncoderBlockSpec
 from .config import BlockConfig
 from .errors import CheckpointError, ConfigError
-from .models import EncoderDecoder, LanguageModel
-from .placements import LayerContext
-from .stacks import Decoder, Encoder
+from .models import EncoderDecoder, EncoderDecoderSpec, LanguageModel, LanguageModelSpec
+from .norms import NORMS
+from .placements import PLACEMENTS, LayerContext
+from .stacks import Decoder, DecoderSpec, Encoder, EncoderSpec
 
 FORMAT = "tformer"
-FORMAT_VERSION = "1"
-SUPPORTED_VERSIONS = (FORMAT_VERSION,)
+FORMAT_VERSION = "2"
+SUPPORTED_VERSIONS = ("1", FORMAT_VERSION)
 
 #: The classes ``save`` can write and ``load`` can rebuild, by name.
 SAVEABLE: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (LanguageModel, EncoderDecoder, Encoder, Decoder, EncoderBlock, DecoderBlock)
 }
+#: Each saveable class's spec (its constructor arguments as a frozen dataclass).
+SPECS = {"LanguageModel": LanguageModelSpec, "EncoderDecoder": EncoderDecoderSpec, "Encoder": EncoderSpec,
+         "Decoder": DecoderSpec, "EncoderBlock": EncoderBlockSpec, "DecoderBlock": DecoderBlockSpec}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -63,31 +67,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _encode_args(value):
-    if isinstance(value, (BlockConfig, LayerContext)):
-        return {f"__{type(value).__name__}__": dataclasses.asdict(value)}
-    if isinstance(value, dict):
-        return {k: _encode_args(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode_args(v) for v in value]
-    return value
-
-
-def _decode_args(value):
+def _decode_v1_args(value):
+    """Format version 1's constructor arguments, ``{"__BlockConfig__": {...}}`` wrappers decoded."""
     if isinstance(value, dict):
         if set(value) == {"__BlockConfig__"}:
-            return BlockConfig(**value["__BlockConfig__"])
+            fields = dict(value["__BlockConfig__"])
+            if fields.get("norm") == "powernorm":  # v1 blocks used PowerNorm's standalone default of one group
+                fields["norm_options"] = {"group_num": 1, **fields.get("norm_options", {})}
+            return BlockConfig(**fields)
         if set(value) == {"__LayerContext__"}:
             return LayerContext(**value["__LayerContext__"])
-        return {k: _decode_args(v) for k, v in value.items()}
+        return {k: _decode_v1_args(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode_args(v) for v in value]
+        return [_decode_v1_args(v) for v in value]
     return value
 
 
 def readable_args(value):
-    """Constructor arguments as stored, with the ``{"__BlockConfig__": {...}}`` wrappers removed (for display)."""
+    """A stored model description (either format) as plain data for display."""
     if isinstance(value, dict):
+        if "spec" in value and "class" in value:
+            return value["spec"]
+        if "args" in value and "class" in value:
+            return readable_args(value["args"])
         if len(value) == 1 and next(iter(value)).startswith("__"):
             return readable_args(next(iter(value.values())))
         return {k: readable_args(v) for k, v in value.items()}
@@ -96,18 +98,44 @@ def readable_args(value):
     return value
 
 
+def _unsaveable_reason(spec) -> str | None:
+    cfg = spec.cfg
+    for field, registry in (("norm", NORMS), ("placement", PLACEMENTS)):
+        value = getattr(cfg, field)
+        if not isinstance(value, str):
+            return (f"its BlockConfig has {field}={getattr(value, '__name__', value)!r}, which is not registered; a "
+                    f"checkpoint stores names: register it (@tformer.{registry.kind.upper()}S.register('my_{field}') "
+                    f"above the class) and pass {field}='my_{field}'")
+    for field in ("placements", "encoder_placements", "decoder_placements"):
+        for value in getattr(spec, field, None) or ():
+            if not isinstance(value, str):
+                return (f"its {field} holds {getattr(value, '__name__', value)!r}, which is not registered; register "
+                        f"it with @tformer.PLACEMENTS.register(name) and pass the name")
+    return None
+
+
 def model_description(model: nn.Module) -> dict:
-    """``{"class": name, "args": constructor arguments}``: what ``load`` rebuilds a model from."""
+    """``{"class": name, "spec": the model's spec as JSON data}``: what ``load`` rebuilds a model from."""
     name = type(model).__name__
     if name not in SAVEABLE or not isinstance(model, SAVEABLE[name]):
         raise TypeError(f"tformer.save writes {', '.join(SAVEABLE)}; got {type(model).__name__}")
-    return {"class": name, "args": _encode_args({"cfg": model.cfg, **model.init_args})}
+    if model.spec is None:
+        raise CheckpointError(
+            f"this {name} was assembled from parts passed in (attn=, ffn=, ...), which a checkpoint cannot rebuild; "
+            f"save its state_dict instead, or build it from a BlockConfig"
+        )
+    reason = _unsaveable_reason(model.spec)
+    if reason:
+        raise CheckpointError(f"cannot save this {name}: {reason}")
+    return {"class": name, "spec": model.spec.to_dict()}
 
 
-def build_model(description: dict) -> nn.Module:
-    """Rebuild a (freshly initialized) model from ``model_description``'s output."""
+def build_model(description: dict, format_version: str = FORMAT_VERSION) -> nn.Module:
+    """Rebuild a (freshly initialized) model from ``model_description``'s output (or a version-1 one)."""
     cls = SAVEABLE[description["class"]]
-    return cls(**_decode_args(description["args"]))
+    if format_version == "1":
+        return cls(**_decode_v1_args(description["args"]))
+    return cls.from_spec(SPECS[description["class"]].from_dict(description["spec"]))
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -197,7 +225,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except (KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: damaged tformer metadata ({type(error).__name__}: {error})") from None
     model = parsed["model"]
-    if not isinstance(model, dict) or model.get("class") not in SAVEABLE or not isinstance(model.get("args"), dict):
+    body = "args" if version == "1" else "spec"
+    if not isinstance(model, dict) or model.get("class") not in SAVEABLE or not isinstance(model.get(body), dict):
         raise CheckpointError(
             f"{path}: unknown model class {model.get('class') if isinstance(model, dict) else model!r}; "
             f"tformer loads {', '.join(SAVEABLE)}"
@@ -215,8 +244,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
     path = Path(path)
     meta = read_metadata(path)
     try:
-        model = build_model(meta["model"])
-    except (ConfigError, TypeError, ValueError) as error:
+        model = build_model(meta["model"], meta["format_version"])
+    except (ConfigError, TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: its config does not build a {meta['model']['class']}: {error}") from None
     try:
         tensors = load_file(path, device=str(device))

@@ -1,4 +1,4 @@
-"""``BlockConfig``: one dataclass that describes a Transformer block, validated at construction."""
+"""``BlockConfig``: one frozen dataclass that describes a Transformer block, validated at construction."""
 
 from __future__ import annotations
 
@@ -14,37 +14,54 @@ from .backends import BACKENDS
 from .errors import ConfigError
 from .feedforward import ACTIVATIONS
 from .init import INIT_SCHEMES
-from .norms import DEEPNORM_ALIAS, NORMS, check_norm_options, make_norm
+from .norms import NORMS, NormFactory, check_norm_options, custom_norm, make_norm
 from .placements import PLACEMENTS
 
+#: ``norm="deepnorm"`` is shorthand for LayerNorm in the DeepNorm placement; only ``BlockConfig`` reads it.
+DEEPNORM_SHORTHAND = "deepnorm"
 
-@dataclass
+
+@dataclass(frozen=True)
 class BlockConfig:
     """What a block is made of: sizes, norm, placement, activation, dropout, attention backend.
 
-    A plain dataclass: ``dataclasses.asdict(cfg)`` round-trips through JSON and
-    ``BlockConfig(**d)`` rebuilds it. Every invalid value raises ``tformer.ConfigError`` naming
-    the field and the valid choices.
+    Frozen (``dataclasses.replace(cfg, placement="post")`` makes a variant), so one config can be
+    shared by every layer of a stack. ``dataclasses.asdict(cfg)`` round-trips through JSON and
+    ``BlockConfig(**d)`` rebuilds it while ``norm`` and ``placement`` hold registered names. Every
+    invalid value raises ``tformer.ConfigError`` naming the field and the valid choices.
 
     Fields beyond the core ones:
 
-    * ``placement=None`` means ``"pre"``, or ``"deepnorm"`` with ``norm="deepnorm"``.
-      ``norm="deepnorm"`` is shorthand for ``norm="layernorm", placement="deepnorm"``.
+    * ``norm``: a registered name (``tformer.NORMS``), or an ``nn.Module`` class or a callable
+      ``(d_model) -> module`` whose forward is ``(x, padding_mask=None)`` (a forward that takes
+      only ``x`` is adapted); such a one-off norm works in blocks and stacks, and ``tformer.save``
+      asks for it to be registered.
+    * ``placement``: a registered name (``tformer.PLACEMENTS``), or a ``ResidualPlacement``
+      subclass or a callable ``(make_norm, layer, dropout) -> ResidualPlacement``. ``None`` means
+      ``"pre"``, or ``"deepnorm"`` with ``norm="deepnorm"``, which is shorthand for
+      ``norm="layernorm", placement="deepnorm"``.
+    * ``bias`` sets the three switches ``norm_bias``, ``attn_bias`` and ``ffn_bias`` that are left
+      at ``None`` (e.g. ``bias=False, ffn_bias=True``: bias-free norms and attention, biased
+      feed-forward); ``use_norm_bias`` etc. give the resolved values.
     * ``qk_norm``: RMS-normalize queries and keys per head before the dot product.
     * ``init``: the weight initialization scheme (``"xavier"`` or ``"gpt2"``, see ``tformer.init``).
-    * ``norm_options``: extra keyword arguments for the norm, e.g. ``{"warmup_iters": 100}``
-      for PowerNorm or ``{"alpha_init": 0.5}`` for DyT.
+    * ``norm_options``: extra keyword arguments for a registered norm, e.g. ``{"warmup_iters": 100}``
+      for PowerNorm or ``{"alpha_init": 0.5}`` for DyT; they override the norm's block defaults
+      (PowerNorm: ``group_num = n_heads``).
     """
 
     d_model: int = 512
     n_heads: int = 8
     d_ff: int = 2048
-    norm: str = "layernorm"
-    placement: str | None = None
+    norm: str | Callable[[int], nn.Module] = "layernorm"
+    placement: str | Callable | None = None
     activation: str = "relu"
     dropout: float = 0.0
     attn_dropout: float = 0.0
     bias: bool = True
+    norm_bias: bool | None = None
+    attn_bias: bool | None = None
+    ffn_bias: bool | None = None
     norm_eps: float = 1e-5
     attention: str = "auto"
     qk_norm: bool = False
@@ -60,8 +77,8 @@ class BlockConfig:
                 f"choose n_heads among the divisors of d_model, e.g. {_divisors(self.d_model)}"
             )
         self._resolve_deepnorm_shorthand()
-        NORMS.get_or_raise(self.norm)
-        PLACEMENTS.get_or_raise(self.placement)
+        NORMS.resolve(self.norm)
+        PLACEMENTS.resolve(self.placement)
         ACTIVATIONS.get_or_raise(self.activation)
         BACKENDS.get_or_raise(self.attention)
         INIT_SCHEMES.get_or_raise(self.init)
@@ -74,12 +91,21 @@ class BlockConfig:
         for name in ("bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        for name in ("norm_bias", "attn_bias", "ffn_bias"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True, False or None (None: follow bias)")
         if not isinstance(self.norm_options, dict) or not all(isinstance(k, str) for k in self.norm_options):
             raise ConfigError(f"norm_options={self.norm_options!r} must be a dict with string keys")
-        check_norm_options(self.norm, self.norm_options)
+        if isinstance(self.norm, str):
+            check_norm_options(self.norm, self.norm_options)
+        elif self.norm_options:
+            raise ConfigError(
+                f"norm_options={self.norm_options!r} apply to registered norms only; a norm given as a class or "
+                f"callable is called with d_model alone, so bind its options yourself (e.g. functools.partial)"
+            )
 
     def _resolve_deepnorm_shorthand(self) -> None:
-        if self.norm == DEEPNORM_ALIAS:
+        if self.norm == DEEPNORM_SHORTHAND:
             if self.placement not in (None, "deepnorm"):
                 raise ConfigError(
                     f"norm='deepnorm' is shorthand for norm='layernorm', placement='deepnorm' and "
@@ -87,19 +113,41 @@ class BlockConfig:
                     f"placement='deepnorm' for DeepNorm, or norm='layernorm', "
                     f"placement={self.placement!r} for that placement"
                 )
-            self.norm, self.placement = "layernorm", "deepnorm"
+            object.__setattr__(self, "norm", "layernorm")
+            object.__setattr__(self, "placement", "deepnorm")
         elif self.placement is None:
-            self.placement = "pre"
+            object.__setattr__(self, "placement", "pre")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def norm_factory(self) -> Callable[[], nn.Module]:
+    @property
+    def use_norm_bias(self) -> bool:
+        return self.bias if self.norm_bias is None else self.norm_bias
+
+    @property
+    def use_attn_bias(self) -> bool:
+        return self.bias if self.attn_bias is None else self.attn_bias
+
+    @property
+    def use_ffn_bias(self) -> bool:
+        return self.bias if self.ffn_bias is None else self.ffn_bias
+
+    @property
+    def is_serializable(self) -> bool:
+        """Whether ``norm`` and ``placement`` are registered names (what a checkpoint can store)."""
+        return isinstance(self.norm, str) and isinstance(self.placement, str)
+
+    def norm_factory(self) -> NormFactory:
         """A zero-argument constructor of this config's norm at ``d_model``."""
-        return functools.partial(
-            make_norm, self.norm, self.d_model, eps=self.norm_eps, bias=self.bias, **self.norm_options
-        )
+        if not isinstance(self.norm, str):
+            return NormFactory(functools.partial(custom_norm, self.norm, self.d_model), self.d_model)
+        cls = NORMS[self.norm]
+        defaults = cls.block_defaults(self.d_model, self.n_heads) if hasattr(cls, "block_defaults") else {}
+        build = functools.partial(make_norm, self.norm, self.d_model, eps=self.norm_eps, bias=self.use_norm_bias,
+                                  **{**defaults, **self.norm_options})
+        return NormFactory(build, self.d_model)
 
 
 def _is_real(value) -> bool:

@@ -40,20 +40,33 @@ class FeedForward(nn.Module):
     after the activation is torch.nn's ``TransformerEncoderLayer.dropout`` site.
     """
 
-    def __init__(self, cfg: BlockConfig):
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", bias: bool = True,
+                 dropout: float = 0.0, init: str = "xavier"):
         super().__init__()
-        self.activation = ACTIVATIONS[cfg.activation]
-        self.init_scheme = cfg.init
-        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if self.activation.gated else None
-        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.d_model = d_model
+        self.activation_name = activation
+        self.activation = ACTIVATIONS[activation]
+        INIT_SCHEMES.get_or_raise(init)
+        self.init_scheme = init
+        self.w1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.w3 = nn.Linear(d_model, d_ff, bias=bias) if self.activation.gated else None
+        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def from_config(cls, cfg: BlockConfig) -> FeedForward:
+        """The feed-forward sublayer a ``BlockConfig`` describes."""
+        return cls(cfg.d_model, cfg.d_ff, activation=cfg.activation, bias=cfg.use_ffn_bias, dropout=cfg.dropout,
+                   init=cfg.init)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.activation.fn(self.w1(x))
         if self.w3 is not None:
             hidden = hidden * self.w3(x)
         return self.w2(self.dropout(hidden))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation_name!r}"
 
     def reset_parameters(self, branch: BranchInit = BranchInit()) -> None:
         scheme = INIT_SCHEMES[self.init_scheme]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,7 @@ from .attention import KVCache
 from .config import BlockConfig, check_positive_int
 from .init import INIT_SCHEMES
 from .registry import Registry
+from .spec import Spec
 from .stacks import Decoder, Encoder
 
 POSITIONS: Registry[type[nn.Module]] = Registry("position encoding", field="positions")
@@ -75,6 +77,17 @@ class Embedding(nn.Module):
         return self.dropout(x)
 
 
+@dataclass(frozen=True)
+class LanguageModelSpec(Spec):
+    cfg: BlockConfig
+    n_layers: int
+    vocab_size: int
+    max_seq_len: int
+    positions: str = "learned"
+    tie_embeddings: bool = True
+    placements: tuple | None = None
+
+
 class LanguageModel(nn.Module):
     """Decoder-only language model: embedding, ``n_layers`` causal ``DecoderBlock``s, LM head.
 
@@ -97,11 +110,15 @@ class LanguageModel(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
-        self.init_args = dict(n_layers=n_layers, vocab_size=vocab_size, max_seq_len=max_seq_len, positions=positions,
-                              tie_embeddings=tie_embeddings, placements=placements)
+        self.spec = LanguageModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, tie_embeddings,
+                                      None if placements is None else tuple(placements))
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
         self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements)
         self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings)
+
+    @classmethod
+    def from_spec(cls, spec: LanguageModelSpec) -> LanguageModel:
+        return cls(**spec.kwargs())
 
     def forward(self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """``tokens`` (batch, seq) -> logits (batch, seq, vocab). With a ``cache`` (from
@@ -149,6 +166,19 @@ class LanguageModel(nn.Module):
         return tokens
 
 
+@dataclass(frozen=True)
+class EncoderDecoderSpec(Spec):
+    cfg: BlockConfig
+    n_encoder_layers: int
+    n_decoder_layers: int
+    vocab_size: int
+    max_seq_len: int = 1024
+    positions: str = "learned"
+    tie_embeddings: bool = True
+    encoder_placements: tuple | None = None
+    decoder_placements: tuple | None = None
+
+
 class EncoderDecoder(nn.Module):
     """Sequence-to-sequence Transformer over one shared vocabulary.
 
@@ -173,10 +203,10 @@ class EncoderDecoder(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
-        self.init_args = dict(
-            n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers, vocab_size=vocab_size,
-            max_seq_len=max_seq_len, positions=positions, tie_embeddings=tie_embeddings,
-            encoder_placements=encoder_placements, decoder_placements=decoder_placements,
+        self.spec = EncoderDecoderSpec(
+            cfg, n_encoder_layers, n_decoder_layers, vocab_size, max_seq_len, positions, tie_embeddings,
+            None if encoder_placements is None else tuple(encoder_placements),
+            None if decoder_placements is None else tuple(decoder_placements),
         )
         check_positive_int("n_encoder_layers", n_encoder_layers)
         check_positive_int("n_decoder_layers", n_decoder_layers)
@@ -189,6 +219,10 @@ class EncoderDecoder(nn.Module):
             cfg, n_decoder_layers, cross_attention=True, placements=decoder_placements, n_encoder_layers=n_encoder_layers
         )
         self.head = _make_head(cfg, vocab_size, self.tgt_embedding, tie_embeddings)
+
+    @classmethod
+    def from_spec(cls, spec: EncoderDecoderSpec) -> EncoderDecoder:
+        return cls(**spec.kwargs())
 
     def encode(self, src_tokens: Tensor, *, src_padding_mask: Tensor | None = None) -> Tensor:
         """``(batch, src_seq)`` -> memory ``(batch, src_seq, d_model)``."""

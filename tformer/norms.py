@@ -6,12 +6,18 @@ Per-token norms ignore the mask; norms with batch statistics (PowerNorm) use it 
 padding positions out of their statistics.
 
 Adding a norm is one class plus one ``@NORMS.register(name)`` line; the test suite parametrizes
-over the registry and picks it up.
+over the registry and picks it up. A norm declares what it is through the traits of ``NormTraits``
+(class attributes), which tests, the monitor and the causality checks read instead of its name.
+A norm that is not registered (any ``nn.Module`` class or ``(d_model) -> module`` callable) can
+be used in a ``BlockConfig`` as well; ``custom_norm`` builds it.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +30,51 @@ from .registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
 
-#: ``norm="deepnorm"`` is shorthand for LayerNorm in the DeepNorm placement (see BlockConfig).
-DEEPNORM_ALIAS = "deepnorm"
+
+class NormTraits:
+    """What a norm is, declared as class attributes (defaults shown) and read through ``norm_traits``.
+
+    * ``uses_batch_statistics``: statistics over the batch (PowerNorm, BatchNorm): examples and
+      positions influence each other in training mode, so a decoder using it is not causal there.
+    * ``needs_padding_mask``: the outputs at real positions depend on which positions are padding
+      (true of batch statistics), so callers must pass ``padding_mask``.
+    * ``exact_gradient``: the backward is the true gradient of the forward (PowerNorm's is an
+      approximation by design), so ``gradcheck`` applies.
+    * ``normalizes``: divides by a statistic of its input (False for DyT and the identity).
+    """
+
+    uses_batch_statistics: ClassVar[bool] = False
+    needs_padding_mask: ClassVar[bool] = False
+    exact_gradient: ClassVar[bool] = True
+    normalizes: ClassVar[bool] = True
+
+    @classmethod
+    def block_defaults(cls, d_model: int, n_heads: int) -> dict:
+        """Constructor options this norm takes by default inside a block (PowerNorm: one group per head)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Traits:
+    """A norm's traits as values (see ``NormTraits``); norms that declare none get the defaults."""
+
+    uses_batch_statistics: bool = False
+    needs_padding_mask: bool = False
+    exact_gradient: bool = True
+    normalizes: bool = True
+
+
+def norm_traits(norm: object) -> Traits:
+    """The traits of a norm given as a registered name, a class, or an instance."""
+    if isinstance(norm, str):
+        norm = NORMS[norm]
+    if isinstance(norm, TokenwiseNorm):
+        norm = norm.norm
+    return Traits(**{f: getattr(norm, f, getattr(Traits, f)) for f in Traits.__dataclass_fields__})
 
 
 @NORMS.register("layernorm")
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(NormTraits, nn.LayerNorm):
     """LayerNorm (Ba et al. 2016): ``g * (x - mean) / sqrt(var + eps) + b`` over the last dim.
 
     PyTorch's fused kernel; the parameters are named as in ``nn.LayerNorm`` so weights copy
@@ -158,7 +203,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 @NORMS.register("rmsnorm")
-class RMSNorm(nn.Module):
+class RMSNorm(NormTraits, nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): ``g * x / sqrt(mean(x^2) + eps)``; no shift, no mean.
 
     Computed by ``rms_norm`` (same values as ``torch.nn.RMSNorm`` to float rounding; on the CPU
@@ -180,11 +225,13 @@ class RMSNorm(nn.Module):
 
 
 @NORMS.register("dyt")
-class DyT(nn.Module):
+class DyT(NormTraits, nn.Module):
     """Dynamic Tanh (Zhu et al. 2025), a norm-free stand-in: ``g * tanh(a * x) + b``.
 
     ``a`` is one learnable scalar, initialised to ``alpha_init`` (0.5 in the paper).
     """
+
+    normalizes = False
 
     def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, alpha_init: float = 0.5):
         super().__init__()
@@ -202,8 +249,10 @@ class DyT(nn.Module):
 
 
 @NORMS.register("none")
-class NoNorm(nn.Module):
+class NoNorm(NormTraits, nn.Module):
     """The identity: for placements studied without any normalization."""
+
+    normalizes = False
 
     def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
@@ -233,12 +282,63 @@ def make_norm(name: str, d_model: int, *, eps: float = 1e-5, bias: bool = True, 
     """Build the registered norm ``name`` for feature size ``d_model``.
 
     ``options`` go to the norm's constructor (e.g. ``warmup_iters`` for PowerNorm, ``alpha_init``
-    for DyT). ``"deepnorm"`` is accepted here as an alias of ``"layernorm"``.
+    for DyT). (``norm="deepnorm"`` is ``BlockConfig`` shorthand for a placement, not a norm.)
     """
-    if name == DEEPNORM_ALIAS:
-        name = "layernorm"
+    if name == "deepnorm":
+        raise ConfigError("'deepnorm' is BlockConfig shorthand for norm='layernorm', placement='deepnorm', not a norm; "
+                          "use make_norm('layernorm', ...)")
     check_norm_options(name, options)
     return NORMS[name](d_model, eps=eps, bias=bias, **options)
+
+
+class NormFactory:
+    """A zero-argument norm constructor that also says the feature size it builds for (``d_model``)."""
+
+    def __init__(self, build: Callable[[], nn.Module], d_model: int):
+        self.build, self.d_model = build, d_model
+
+    def __call__(self) -> nn.Module:
+        return self.build()
+
+    def __repr__(self) -> str:
+        return f"NormFactory({self.build!r}, d_model={self.d_model})"
+
+
+class TokenwiseNorm(nn.Module):
+    """Adapts a norm whose ``forward`` takes only ``x`` (e.g. ``nn.LayerNorm``) to ``(x, padding_mask)``.
+
+    The mask is not passed on: such a norm must not use statistics across tokens.
+    """
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return self.norm(x)
+
+
+def _takes_padding_mask(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "padding_mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def custom_norm(factory: Callable[[int], nn.Module], d_model: int) -> nn.Module:
+    """Build a norm that is not registered: ``factory(d_model)`` (a class or a callable).
+
+    Its eps and bias are its own business. A module whose ``forward`` does not take
+    ``padding_mask`` is wrapped in ``TokenwiseNorm``.
+    """
+    norm = factory(d_model)
+    if not isinstance(norm, nn.Module):
+        raise ConfigError(
+            f"norm={getattr(factory, '__name__', factory)!r} returned {type(norm).__name__} for d_model={d_model}; "
+            f"a norm class or callable must return an nn.Module"
+        )
+    return norm if _takes_padding_mask(norm) else TokenwiseNorm(norm)
 
 
 # PowerNorm lives in its own module; importing it registers it.

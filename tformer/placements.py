@@ -3,7 +3,8 @@
 A placement wraps one sublayer ``F`` (attention, cross-attention or feed-forward) with its
 norm(s) and the residual connection. A block calls ``placement(x, F, padding_mask)`` and never
 looks at the placement's name, so every norm works with every placement and adding one is a
-class plus a ``@register`` line.
+class plus a ``@register`` line. Placements whose residual stream is more than one tensor
+(ResiDual, hyper-connections) are in ``stack_placements.py``; see ``ResidualPlacement``.
 
 Residual-branch dropout is applied to the branch right before it joins the residual, the same
 site as ``torch.nn.TransformerEncoderLayer``'s ``dropout1``/``dropout2``.
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .deepnorm import deepnorm_constants
+from .errors import ConfigError
 from .init import BranchInit
 from .registry import Registry
 
@@ -58,13 +60,25 @@ class LayerContext:
 class ResidualPlacement(nn.Module):
     """Combines a residual stream ``x`` with one sublayer ``F`` and its norm(s).
 
-    ``forward(x, sublayer, padding_mask)`` returns the new residual stream, same shape as ``x``
-    ``(batch, seq, d_model)``. ``needs_final_norm`` says whether a stack ending in this
-    placement needs a closing norm; ``branch_init`` how the sublayer's weights are initialized.
+    The protocol (what a block and a stack call):
+
+    * ``__init__(make_norm, layer, dropout=0.0)``: ``make_norm()`` builds one norm;
+      ``layer`` (a ``LayerContext``) says where the block sits.
+    * ``forward(x, sublayer, padding_mask)`` returns the new residual stream, same shape as ``x``
+      ``(batch, seq, d_model)``.
+    * ``needs_final_norm``: whether a stack ending in this placement needs a closing norm;
+      ``branch_init``: how the sublayer's weights are initialized; ``formula``: shown in ``repr``.
+    * Stack-level placements carry more than one tensor from layer to layer: their stream is an
+      object (``DualStream``, ``HyperStreams``), ``begin(x)`` makes it from the stack's input,
+      ``end(stream, final_norm, padding_mask)`` turns it into the stack's output, and ``stream``
+      names the kind, which every sublayer of a stack must share. For one-tensor placements
+      ``begin`` is the identity and ``end`` applies the final norm.
     """
 
     name: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
     needs_final_norm: ClassVar[bool] = False
+    stream: ClassVar[str] = "tensor"
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
         super().__init__()
@@ -74,6 +88,17 @@ class ResidualPlacement(nn.Module):
     def forward(self, x: Tensor, sublayer: Sublayer, padding_mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
+    def begin(self, x: Tensor):
+        """The residual stream a stack starts from, given its input ``x`` (batch, seq, d_model)."""
+        return x
+
+    def end(self, stream, final_norm: nn.Module | None, padding_mask: Tensor | None = None) -> Tensor:
+        """The stack's output from its last stream, closed by ``final_norm`` where there is one."""
+        return stream if final_norm is None else final_norm(stream, padding_mask)
+
+    def extra_repr(self) -> str:
+        return self.formula
+
 
 class SingleNormPlacement(ResidualPlacement):
     """A placement with one norm, ``self.norm``."""
@@ -81,6 +106,11 @@ class SingleNormPlacement(ResidualPlacement):
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
         super().__init__(make_norm, layer, dropout)
         self.norm = make_norm()
+
+
+def stream_tensor(stream) -> Tensor:
+    """The ``(batch, seq, d_model)`` tensor that stands for a residual stream (for monitors and checks)."""
+    return stream if isinstance(stream, Tensor) else stream.hidden
 
 
 Builder = Callable[[NormFactory, LayerContext, float], ResidualPlacement]
@@ -97,6 +127,7 @@ class PostNorm(SingleNormPlacement):
     """Post-LN, the original Transformer (Vaswani et al. 2017): ``x <- Norm(x + F(x))``."""
 
     name = "post"
+    formula = "x <- Norm(x + F(x))"
 
     def forward(self, x, sublayer, padding_mask=None):
         return self.norm(x + self.dropout(sublayer(x)), padding_mask)
@@ -107,6 +138,7 @@ class PreNorm(SingleNormPlacement):
     """Pre-LN (Xiong et al. 2020): ``x <- x + F(Norm(x))``; the stack closes with a final norm."""
 
     name = "pre"
+    formula = "x <- x + F(Norm(x))"
     needs_final_norm = True
 
     def forward(self, x, sublayer, padding_mask=None):
@@ -118,6 +150,7 @@ class SandwichNorm(ResidualPlacement):
     """Sandwich-LN (Ding et al. 2021, CogView; Peri-LN): ``x <- x + Norm_out(F(Norm_in(x)))``."""
 
     name = "sandwich"
+    formula = "x <- x + Norm_out(F(Norm_in(x)))"
     needs_final_norm = True
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
@@ -139,6 +172,7 @@ class DeepNorm(SingleNormPlacement):
     """
 
     name = "deepnorm"
+    formula = "x <- Norm(alpha * x + F(x))"
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
         super().__init__(make_norm, layer, dropout)
@@ -149,7 +183,7 @@ class DeepNorm(SingleNormPlacement):
         return self.norm(self.alpha * x + self.dropout(sublayer(x)), padding_mask)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha:.4f}, beta={self.branch_init.gain:.4f}"
+        return f"{self.formula}, alpha={self.alpha:.4f}, beta={self.branch_init.gain:.4f}"
 
 
 @register
@@ -157,6 +191,7 @@ class OutputNorm(SingleNormPlacement):
     """Output-only ("reordered") norm, OLMo 2: ``x <- x + Norm(F(x))``; the stack closes with a final norm."""
 
     name = "output"
+    formula = "x <- x + Norm(F(x))"
     needs_final_norm = True
 
     def forward(self, x, sublayer, padding_mask=None):
@@ -171,6 +206,7 @@ class ReZero(ResidualPlacement):
     """
 
     name = "rezero"
+    formula = "x <- x + a * F(x)"
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
         super().__init__(make_norm, layer, dropout)
@@ -188,6 +224,7 @@ class ScaledPreNorm(SingleNormPlacement):
     """
 
     name = "lnscaling"
+    formula = "x <- x + F(Norm(x) / sqrt(l))"
     needs_final_norm = True
 
     def __init__(self, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0):
@@ -198,7 +235,7 @@ class ScaledPreNorm(SingleNormPlacement):
         return x + self.dropout(sublayer(self.norm(x, padding_mask) * self.scale))
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale:.4f}"
+        return f"{self.formula}, scale={self.scale:.4f}"
 
 
 MIXLN_POST_FRACTION = 0.25
@@ -212,6 +249,16 @@ def mix_ln(make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0) ->
     return placement(make_norm, layer, dropout)
 
 
-def build_placement(name: str, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0) -> ResidualPlacement:
-    """Build the registered placement ``name`` for one sublayer of the layer ``layer``."""
-    return PLACEMENTS[name](make_norm, layer, dropout)
+def build_placement(spec, make_norm: NormFactory, layer: LayerContext, dropout: float = 0.0) -> ResidualPlacement:
+    """Build the placement ``spec`` (a registered name, a class or a factory) for one sublayer of ``layer``."""
+    placement = PLACEMENTS.resolve(spec)(make_norm, layer, dropout)
+    if not isinstance(placement, ResidualPlacement):
+        raise ConfigError(
+            f"placement={spec!r} built a {type(placement).__name__}; a placement must be a "
+            f"tformer.ResidualPlacement (see tformer.placements for the protocol)"
+        )
+    return placement
+
+
+# Stack-level placements (their streams carry state from layer to layer) live in their own module.
+from . import stack_placements as _stack_placements  # noqa: E402,F401

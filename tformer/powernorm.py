@@ -24,8 +24,9 @@ Where this follows the paper and where the authors' code (fairseq ``mask_powerno
   we use the non-padding positions only, so padding never moves any running statistic.
 * Like the official code (and unlike a literal reading of the paper) the backward divides by the
   *batch* ``psi2_B`` also after warmup, while the forward uses the running ``psi2``.
-* GroupScaling1D is not in the paper; the official code applies it with one group by default,
-  and so do we (``group_num=0`` turns it off).
+* GroupScaling1D is not in the paper; the official ``MaskPowerNorm`` applies it with one group by
+  default, and so does a standalone ``PowerNorm``; the authors' models build it with one group per
+  attention head, and so do tformer's blocks (``group_num=0`` turns it off).
 * The official default ``warmup_iters`` is 10000; short experiments want a smaller value,
   e.g. ``BlockConfig(..., norm_options={"warmup_iters": 100})``.
 """
@@ -36,7 +37,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .norms import NORMS
+from .norms import NORMS, NormTraits
 
 
 def group_scale(x: Tensor, group_num: int, eps: float = 1e-5) -> Tensor:
@@ -87,12 +88,24 @@ class PowerNormFunction(torch.autograd.Function):
 
 
 @NORMS.register("powernorm")
-class PowerNorm(nn.Module):
+class PowerNorm(NormTraits, nn.Module):
     """PowerNorm (Shen et al. 2020) with masked batch statistics; see the module docstring.
 
     Buffers ``running_psi2`` (init 1), ``nu`` (init 0) and ``iters`` are part of the state dict,
     so a checkpoint resumes the statistics exactly.
+
+    ``group_num``: standalone (``make_norm("powernorm", d)``) the official ``MaskPowerNorm``
+    default of one group; inside a block the authors' models (their ``NormSelect``) use one group
+    per attention head, and so does tformer (``block_defaults``); ``norm_options`` overrides it.
     """
+
+    uses_batch_statistics = True
+    needs_padding_mask = True
+    exact_gradient = False
+
+    @classmethod
+    def block_defaults(cls, d_model: int, n_heads: int) -> dict:
+        return {"group_num": n_heads}
 
     def __init__(
         self,

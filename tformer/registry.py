@@ -2,7 +2,9 @@
 
 A registry is a read-only mapping: iterating it yields the registered names, so
 ``"rmsnorm" in tformer.NORMS`` and ``sorted(tformer.NORMS)`` both work, and adding an entry
-is one decorated class or function.
+is one decorated class or function. Where an axis also takes a class or a callable instead of a
+name (norms and placements, timm's ``get_norm_layer`` pattern), ``resolve`` turns either into the
+factory, so a one-off entry need not be registered process-wide.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ class Registry(Mapping[str, T], Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: ``@NORMS.register("mynorm")`` above a class adds it under ``name``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.kind} is registered under a non-empty string name, got {name!r}")
+
         def add(entry: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -32,16 +38,36 @@ class Registry(Mapping[str, T], Generic[T]):
 
         return add
 
+    def choices(self) -> str:
+        return ", ".join(repr(n) for n in self._entries)
+
     def get_or_raise(self, name: object) -> T:
         if not isinstance(name, str) or name not in self._entries:
-            raise ConfigError(
-                f"{self.field}={name!r} is not a known {self.kind}; valid choices: "
-                + ", ".join(repr(n) for n in self._entries)
-            )
+            raise ConfigError(f"{self.field}={name!r} is not a known {self.kind}; valid choices: {self.choices()}")
         return self._entries[name]
+
+    def resolve(self, spec: object) -> T:
+        """A registered name -> its entry; a class or other callable -> itself (used as the factory)."""
+        if isinstance(spec, str):
+            return self.get_or_raise(spec)
+        if callable(spec):
+            return spec
+        raise ConfigError(
+            f"{self.field}={spec!r} must be a registered {self.kind} name ({self.choices()}), "
+            f"a class, or a callable"
+        )
+
+    def name_of(self, spec: object) -> str | None:
+        """The registered name of ``spec`` (a name or a registered entry), or None for a one-off."""
+        if isinstance(spec, str):
+            return spec if spec in self._entries else None
+        return next((name for name, entry in self._entries.items() if entry is spec), None)
 
     def __getitem__(self, name: str) -> T:
         return self.get_or_raise(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

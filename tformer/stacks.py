@@ -1,26 +1,39 @@
-"""Stacks of blocks: ``Encoder`` and ``Decoder``, with a final norm where the placement needs one."""
+"""Stacks of blocks: ``Encoder`` and ``Decoder``, with a final norm where the placement needs one.
+
+A stack starts its placements' residual stream from its input (``begin``), passes the stream
+through every block, and turns it into its output at the end (``end``, which applies the final
+norm). For one-tensor placements the stream is the tensor itself; stack-level placements
+(ResiDual, hyper-connections) carry more, see ``tformer.stack_placements``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from .attention import KVCache
-from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
+from .blocks import DecoderBlock, EncoderBlock, TransformerBlock, reject_arguments
 from .config import BlockConfig, check_positive_int
 from .errors import ConfigError
 from .placements import LayerContext
+from .spec import Spec
 
 
-def _layer_configs(cfg: BlockConfig, n_layers: int, placements: Sequence[str] | None) -> list[BlockConfig]:
+def _layer_configs(cfg: BlockConfig, n_layers: int, placements: Sequence | None) -> list[BlockConfig]:
     check_positive_int("n_layers", n_layers)
     if placements is None:
         return [cfg] * n_layers
     if isinstance(placements, str) or len(placements) != n_layers:
         raise ConfigError(f"placements must be a list of {n_layers} placement names (one per layer), got {placements!r}")
     return [dataclasses.replace(cfg, placement=p) for p in placements]
+
+
+def _check_final_norm(final_norm) -> None:
+    if final_norm is not None and not isinstance(final_norm, bool):
+        raise ConfigError(f"final_norm={final_norm!r} must be None (where the last placement needs one), True or False")
 
 
 class _Stack(nn.Module):
@@ -30,33 +43,61 @@ class _Stack(nn.Module):
         n_layers: int,
         stack: str,
         paired_layers: int,
-        placements: Sequence[str] | None,
+        placements: Sequence | None,
+        final_norm: bool | None,
         make_block: Callable[[BlockConfig, LayerContext], TransformerBlock],
     ):
         super().__init__()
+        if not isinstance(cfg, BlockConfig):
+            raise TypeError(f"expected a tformer.BlockConfig, got {type(cfg).__name__}")
+        _check_final_norm(final_norm)
         self.cfg = cfg
         configs = _layer_configs(cfg, n_layers, placements)
         self.layers = nn.ModuleList(
             make_block(layer_cfg, LayerContext(stack, i, n_layers, paired_layers))
             for i, layer_cfg in enumerate(configs)
         )
-        self.final_norm = cfg.norm_factory()() if self.layers[-1].needs_final_norm else None
+        streams = [block.stream for block in self.layers]
+        if len(set(streams)) > 1:
+            raise ConfigError(
+                f"the layers' placements carry different residual streams ({', '.join(dict.fromkeys(streams))}): "
+                f"a stack-level placement such as ResiDual cannot be mixed with other placements in one stack"
+            )
+        wanted = self.layers[-1].needs_final_norm if final_norm is None else final_norm
+        self.final_norm = cfg.norm_factory()() if wanted else None
 
     @property
     def placements(self) -> list[str]:
         """The placement each layer runs (Mix-LN resolved to its per-layer post/pre)."""
-        return [block.ffn_residual.name for block in self.layers]
+        return [block.ffn_residual.name or type(block.ffn_residual).__name__ for block in self.layers]
 
-    def _finish(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
-        return x if self.final_norm is None else self.final_norm(x, padding_mask)
+    def _run(self, x: Tensor, padding_mask: Tensor | None, **block_kwargs) -> Tensor:
+        stream = self.layers[0].begin(x)
+        cache = block_kwargs.pop("cache", None)
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                block_kwargs["cache"] = cache.layers[i]
+            stream = block(stream, padding_mask=padding_mask, **block_kwargs)
+        return self.layers[-1].end(stream, self.final_norm, padding_mask)
+
+
+@dataclass(frozen=True)
+class EncoderSpec(Spec):
+    cfg: BlockConfig
+    n_layers: int
+    placements: tuple | None = None
+    n_decoder_layers: int = 0
+    final_norm: bool | None = None
 
 
 class Encoder(_Stack):
     """``n_layers`` ``EncoderBlock``s, closed by a final norm when the last placement needs it.
 
-    ``placements`` gives one placement name per layer (otherwise every layer uses
-    ``cfg.placement``). ``n_decoder_layers`` is the depth of the decoder this encoder feeds in
-    an encoder-decoder model (DeepNorm's constants depend on it), 0 for an encoder-only model.
+    ``placements`` gives one placement per layer (otherwise every layer uses ``cfg.placement``).
+    ``n_decoder_layers`` is the depth of the decoder this encoder feeds in an encoder-decoder
+    model (DeepNorm's constants depend on it), 0 for an encoder-only model. ``final_norm``: None
+    adds the closing norm exactly when the last placement needs one; False never (x-transformers'
+    ``pre_norm_has_final_norm=False``); True always.
     """
 
     def __init__(
@@ -64,27 +105,43 @@ class Encoder(_Stack):
         cfg: BlockConfig,
         n_layers: int,
         *,
-        placements: Sequence[str] | None = None,
+        placements: Sequence | None = None,
         n_decoder_layers: int = 0,
+        final_norm: bool | None = None,
     ):
         super().__init__(
-            cfg, n_layers, "encoder", n_decoder_layers, placements,
+            cfg, n_layers, "encoder", n_decoder_layers, placements, final_norm,
             lambda c, layer: EncoderBlock(c, layer=layer),
         )
-        self.init_args = dict(n_layers=n_layers, placements=placements, n_decoder_layers=n_decoder_layers)
+        self.spec = EncoderSpec(cfg, n_layers, None if placements is None else tuple(placements), n_decoder_layers,
+                                final_norm)
 
-    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
+    @classmethod
+    def from_spec(cls, spec: EncoderSpec) -> Encoder:
+        return cls(**spec.kwargs())
+
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, **unexpected) -> Tensor:
         """``x``: (batch, seq, d_model) -> (batch, seq, d_model)."""
-        for block in self.layers:
-            x = block(x, padding_mask=padding_mask)
-        return self._finish(x, padding_mask)
+        reject_arguments(unexpected, "Encoder.forward", ("x", "padding_mask"))
+        return self._run(x, padding_mask)
+
+
+@dataclass(frozen=True)
+class DecoderSpec(Spec):
+    cfg: BlockConfig
+    n_layers: int
+    cross_attention: bool = True
+    placements: tuple | None = None
+    n_encoder_layers: int = 0
+    final_norm: bool | None = None
+    causal: bool = True
 
 
 class Decoder(_Stack):
-    """``n_layers`` ``DecoderBlock``s (causal self-attention, optional cross-attention).
+    """``n_layers`` ``DecoderBlock``s (causal self-attention unless ``causal=False``, optional cross-attention).
 
     ``n_encoder_layers`` is the depth of the encoder in an encoder-decoder model, 0 for a
-    decoder-only model (DeepNorm's constants depend on it).
+    decoder-only model (DeepNorm's constants depend on it). ``final_norm`` as for ``Encoder``.
     """
 
     def __init__(
@@ -93,16 +150,22 @@ class Decoder(_Stack):
         n_layers: int,
         cross_attention: bool = True,
         *,
-        placements: Sequence[str] | None = None,
+        placements: Sequence | None = None,
         n_encoder_layers: int = 0,
+        final_norm: bool | None = None,
+        causal: bool = True,
     ):
         super().__init__(
-            cfg, n_layers, "decoder", n_encoder_layers, placements,
-            lambda c, layer: DecoderBlock(c, cross_attention, layer=layer),
+            cfg, n_layers, "decoder", n_encoder_layers, placements, final_norm,
+            lambda c, layer: DecoderBlock(c, cross_attention, causal=causal, layer=layer),
         )
         self.cross_attention = cross_attention
-        self.init_args = dict(n_layers=n_layers, cross_attention=cross_attention, placements=placements,
-                              n_encoder_layers=n_encoder_layers)
+        self.spec = DecoderSpec(cfg, n_layers, cross_attention, None if placements is None else tuple(placements),
+                                n_encoder_layers, final_norm, causal)
+
+    @classmethod
+    def from_spec(cls, spec: DecoderSpec) -> Decoder:
+        return cls(**spec.kwargs())
 
     def forward(
         self,
@@ -112,12 +175,11 @@ class Decoder(_Stack):
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        **unexpected,
     ) -> Tensor:
         """``x``: (batch, seq, d_model); ``memory``: (batch, mem_seq, d_model) with cross-attention.
 
         ``cache`` (a ``KVCache`` with one entry per layer) makes decoding incremental.
         """
-        for i, block in enumerate(self.layers):
-            x = block(x, padding_mask=padding_mask, memory=memory, memory_padding_mask=memory_padding_mask,
-                      cache=None if cache is None else cache.layers[i])
-        return self._finish(x, padding_mask)
+        reject_arguments(unexpected, "Decoder.forward", ("x", "padding_mask", "memory", "memory_padding_mask", "cache"))
+        return self._run(x, padding_mask, memory=memory, memory_padding_mask=memory_padding_mask, cache=cache)
