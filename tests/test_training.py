@@ -12,7 +12,8 @@ import tformer
 from tformer import ConfigError
 from tformer.cli import main
 from tformer.recipe_config import load_config
-from tformer.training import LanguageModelTask, TrainingDiverged, recipe_defaults, train
+from tformer.training import TrainingDiverged, recipe_defaults, train
+from tformer.training.tasks import LanguageModelTask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,6 +183,54 @@ def test_torchrun_two_processes_match_one(tmp_path):
     double, double_steps = losses("double")
     assert single_steps == double_steps == list(range(1, 7))  # rank 0 alone writes: no duplicated rows
     assert double == pytest.approx(single, rel=1e-5, abs=1e-6)
+
+
+def test_train_leaves_the_callers_process_group_alone(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        train(lm_config(tmp_path, "train.steps=2"))
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+_TRAIN_IN_CALLERS_GROUP = """
+import json, sys
+import torch, torch.distributed as dist
+from tformer.recipe_config import load_config
+from tformer.training import recipe_defaults, train
+rank, store, overrides = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+train(load_config(recipe_defaults("lm"), None, overrides))
+assert dist.is_initialized(), "train() destroyed the caller's process group"
+total = torch.ones(1)
+dist.all_reduce(total)
+assert total.item() == 2
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("torchrun_env", [True, False], ids=["torchrun-env", "no-env"])
+def test_two_processes_in_the_callers_group_keep_it(tmp_path, torchrun_env):
+    """The caller made the group (with or without torchrun's RANK/WORLD_SIZE): train() uses it, rank 0
+    alone writes, and the group is still alive afterwards."""
+    overrides = json.dumps([*TINY_LM, "train.steps=3", "train.batch_size=8", "log.eval_every=100",
+                            "log.checkpoint_every=100", f"out_dir={tmp_path}"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    procs = []
+    for rank in (0, 1):
+        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"} if torchrun_env else env
+        procs.append(subprocess.Popen([sys.executable, "-c", _TRAIN_IN_CALLERS_GROUP, str(rank),
+                                       str(tmp_path / "store"), overrides],
+                                      env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
 
 
 def test_damaged_training_state_is_a_clear_error(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 
 from .config import BlockConfig
 from .norms import NORMS
-from .placements import PLACEMENTS
+from .placements import PLACEMENTS, stream_tensor
 from .stacks import Decoder, Encoder
 
 
@@ -19,6 +19,7 @@ class GridRow:
     norm: str
     placement: str
     residual_rms: float  # RMS of the residual stream after the last block, before any final norm
+    # (for stack-level placements, of the tensor that stands for their stream: ResiDual's x_a, the sum of hyper-streams)
     finite: bool  # forward outputs and every gradient finite
     all_params_get_grad: bool
     seconds: float
@@ -42,10 +43,11 @@ def run_grid(
             x = torch.randn(batch, seq_len, d_model)
             pad = torch.zeros(batch, seq_len, dtype=torch.bool)
             pad[-1, seq_len // 2 :] = True
-            residual = x
+            stream = encoder.layers[0].begin(x)
             for block in encoder.layers:
-                residual = block(residual, padding_mask=pad)
-            memory = residual if encoder.final_norm is None else encoder.final_norm(residual, pad)
+                stream = block(stream, padding_mask=pad)
+            residual = stream_tensor(stream)
+            memory = encoder.layers[-1].end(stream, encoder.final_norm, pad)
             y = decoder(x, padding_mask=pad, memory=memory, memory_padding_mask=pad)
             y[~pad].pow(2).mean().backward()
             params = list(encoder.parameters()) + list(decoder.parameters())

@@ -18,10 +18,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .analysis.plots import pyplot
 from .config import BlockConfig
 from .data import corpus_splits
 from .recipe_config import load_config
-from .training import TrainingDiverged, recipe_defaults, train
+from .training.diagnosis import TrainingDiverged
+from .training.loop import train
+from .training.schema import recipe_defaults
 
 #: The study's model and optimizer: 6 layers (Xiong's depth), small enough for CPU.
 STUDY_OVERRIDES = [
@@ -145,11 +148,7 @@ def write_results(out_dir: Path, rows: list[StudyRow], curves: dict, summary: di
 
 
 def plot_curves(path: Path, rows: list[StudyRow], curves: dict, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     norms = list(dict.fromkeys(r.norm for r in rows))
     placements = list(dict.fromkeys(r.placement for r in rows))
     colors = dict(zip(placements, plt.rcParams["axes.prop_cycle"].by_key()["color"]))

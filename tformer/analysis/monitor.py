@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import MultiHeadAttention
+from ..placements import stream_tensor
 from .scales import find_blocks, parameter_groups
 
 
@@ -136,7 +137,7 @@ class TrainingMonitor:
             if not self._capturing(module):
                 return
             with torch.no_grad():
-                squares = output.detach().float().pow(2).mean(-1)  # (batch, seq): ||x||^2 / d
+                squares = stream_tensor(output).detach().float().pow(2).mean(-1)  # (batch, seq): ||x||^2 / d
                 pad = kwargs.get("padding_mask")
                 value = squares[~pad].mean() if pad is not None else squares.mean()
             self._captured.append({"metric": "residual_norm", "stack": stack, "layer": layer, "value": value.item()})
@@ -244,29 +245,14 @@ def attention_entropy(
     memory_padding_mask: Tensor | None = None, max_queries: int | None = None,
 ) -> Tensor:
     """Entropy of ``attn``'s attention distributions, averaged over the (non-padding) queries of all
-    sequences in ``x``: one value per head, in nats. Recomputed explicitly from the module's weights."""
-    heads, head_dim = attn.n_heads, attn.head_dim
-    if attn.cross:
-        q = attn.q(x)
-        k = attn.kv(memory).chunk(2, dim=-1)[0]
-        kv_pad = memory_padding_mask
-    else:
-        q, k, _ = attn.qkv(x).chunk(3, dim=-1)
-        kv_pad = padding_mask
-    q, k = (t.reshape(*t.shape[:2], heads, head_dim) for t in (q, k))
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q_len, kv_len = q.shape[1], k.shape[1]
+    sequences in ``x``: one value per head, in nats. The probabilities are the module's own
+    (``MultiHeadAttention.attention_probs``: same projections, QK-norm and masks as its forward)."""
+    probs = attn.attention_probs(x, padding_mask=padding_mask, memory=memory, memory_padding_mask=memory_padding_mask)
+    q_len = probs.shape[2]
     queries = torch.arange(q_len, device=x.device)
     if max_queries is not None and q_len > max_queries:
         queries = torch.linspace(0, q_len - 1, max_queries, device=x.device).round().long()
-    scores = torch.einsum("bqhd,bkhd->bhqk", q[:, queries].float(), k.float()) * head_dim**-0.5
-    allowed = torch.ones(x.shape[0], 1, len(queries), kv_len, dtype=torch.bool, device=x.device)
-    if attn.causal:
-        allowed &= torch.arange(kv_len, device=x.device)[None, :] <= (queries[:, None] + kv_len - q_len)
-    if kv_pad is not None:
-        allowed &= ~kv_pad[:, None, None, :]
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    probs = probs[:, :, queries]  # (batch, heads, queries, kv_len)
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (batch, heads, queries)
     real = torch.ones(x.shape[0], len(queries), dtype=torch.bool, device=x.device)
     if padding_mask is not None and not attn.cross:

@@ -1,10 +1,22 @@
-"""Plots of a ``TrainingMonitor``'s rows (PNG): update ratio and gradient norm over steps, residual norm per layer."""
+"""Plotting: ``pyplot()`` (matplotlib set up to write files without a display, for every figure tformer
+draws) and the plots of a ``TrainingMonitor``'s rows (PNG): update ratio and gradient norm over steps,
+residual norm per layer."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from pathlib import Path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend: figures go to files, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def load_rows(path: str | Path) -> list[dict]:
@@ -14,11 +26,7 @@ def load_rows(path: str | Path) -> list[dict]:
 def plot_monitor(rows: list[dict] | str | Path, out_dir: str | Path, param: str = "ffn.w2") -> list[Path]:
     """Write ``update_ratio.png``, ``grad_norm.png`` (``param`` of every layer over steps) and
     ``residual_norm.png`` (E||x_l||^2/d per layer at the first and last logged steps) into ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not isinstance(rows, list):
         rows = load_rows(rows)
     out_dir = Path(out_dir)

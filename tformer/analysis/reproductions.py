@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import BlockConfig
 from ..data import LMBatches, corpus_splits
 from ..models import LanguageModel
+from ..training.tasks import lm_loss
+from .plots import pyplot
 from .scales import expected_gradient_scales, find_blocks
 
 PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
@@ -37,12 +38,6 @@ def corpus_batches(n_batches: int, batch_size: int = 8, seq_len: int = 128, seed
     return [data.batch(step) for step in range(n_batches)]
 
 
-def _lm_loss(model, batch):
-    inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
 def _lm(placement: str, n_layers: int, d_model: int = 256, seq_len: int = 128, norm: str = "layernorm", seed: int = 0):
     torch.manual_seed(seed)
     cfg = BlockConfig(d_model=d_model, n_heads=4, d_ff=4 * d_model, norm=norm, placement=placement, attention="sdpa")
@@ -56,15 +51,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ------------------------------------------------------------------------------ Xiong Fig. 3 (a)/(b)
 
 
@@ -74,12 +60,12 @@ def xiong_fig3(out: Path, quick: bool = False) -> str:
     rows = []
     for placement in PLACEMENTS:
         model = _lm(placement, 6)
-        for r in expected_gradient_scales(model, batches, _lm_loss):
+        for r in expected_gradient_scales(model, batches, lm_loss):
             if r["param"] in ("ffn.w1", "ffn.w2"):
                 rows.append({"placement": placement, "layer": r["layer"] + 1, "param": r["param"],
                              "expected_grad_norm": r["grad_norm"], "mean_grad_norm": r["mean_grad_norm"]})
     _write_csv(out / "ffn_gradients.csv", rows)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, param in zip(axes, ("ffn.w1", "ffn.w2")):
         for placement in PLACEMENTS:
@@ -135,11 +121,11 @@ def xiong_depth(out: Path, quick: bool = False) -> str:
     for placement in ("post", "pre"):
         for depth in depths:
             model = _lm(placement, depth)
-            last = [r for r in expected_gradient_scales(model, batches, _lm_loss)
+            last = [r for r in expected_gradient_scales(model, batches, lm_loss)
                     if r["param"] == "ffn.w2" and r["layer"] == depth - 1][0]
             rows.append({"placement": placement, "layers": depth, "last_w2_grad_norm": last["grad_norm"]})
     _write_csv(out / "last_layer_gradient.csv", rows)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for placement in ("post", "pre"):
         points = [(r["layers"], r["last_w2_grad_norm"]) for r in rows if r["placement"] == placement]
@@ -201,7 +187,7 @@ def xiong_lemma2(out: Path, quick: bool = False) -> str:
         for layer, values in sorted(captured.items()):
             rows.append({"placement": placement, "layer": layer + 1, "norm_sq_over_d": sum(values) / len(values)})
     _write_csv(out / "residual_norms.csv", rows)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for placement in ("post", "pre"):
         points = [(r["layer"], r["norm_sq_over_d"]) for r in rows if r["placement"] == placement]
@@ -258,7 +244,7 @@ def deepnet_updates(out: Path, quick: bool = False) -> str:
         status[placement] = "trained"
         for step in range(1, steps + 1):
             model.train()
-            loss = _lm_loss(model, data.batch(step))
+            loss = lm_loss(model, data.batch(step))
             if not torch.isfinite(loss):
                 status[placement] = f"diverged at step {step}"
                 break
@@ -272,7 +258,7 @@ def deepnet_updates(out: Path, quick: bool = False) -> str:
                     update = (model(probe) - start).norm().item() / math.sqrt(start.numel())
                 rows.append({"placement": placement, "step": step, "model_update": update, "loss": loss.item()})
     _write_csv(out / "model_updates.csv", rows)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for placement in ("post", "deepnorm"):
         points = [(r["step"], r["model_update"], r["loss"]) for r in rows if r["placement"] == placement]

@@ -1,0 +1,145 @@
+"""The training loop: ``train(config)`` runs a recipe from its first (or resumed) step to its last.
+
+Setup builds the task, model, optimizer and schedule, resumes from the run directory when it
+can, and wraps the model in DistributedDataParallel when several processes run. Each step then
+computes the loss on batch ``step``, back-propagates, clips, stops with ``TrainingDiverged`` at
+a non-finite loss or gradient, updates, and on its cadence logs a metrics row, evaluates and
+checkpoints (rank 0 alone writes).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..recipe_config import dump_config
+from .diagnosis import TrainingDiverged, divergence_message
+from .distributed import Dist, process_group, resolve_device
+from .optimization import build_optimizer, build_scheduler
+from .run_logs import MetricsLog, Throughput, monitoring, progress_bar
+from .tasks import TASKS
+from .train_state import resume, save_training_state
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    evals: list[dict] = field(default_factory=list)
+    diverged: str | None = None
+
+    @property
+    def final(self) -> dict:
+        return self.evals[-1] if self.evals else {}
+
+
+def train(config: dict, *, progress: bool | None = None, stop_at: int | None = None) -> RunResult:
+    """Run the recipe ``config`` (see ``tformer.training``). Raises ``TrainingDiverged`` on NaN/inf.
+
+    ``stop_at`` ends the session after that step as an interruption would (no final checkpoint):
+    for time-boxed sessions and for testing resumption. Under torchrun (or inside a process group
+    the caller created) each process trains its slice of every batch; a group ``train`` had to
+    create is destroyed on return, the caller's is left as it was.
+    """
+    world = Dist.current()
+    device = resolve_device(config["device"], world)
+    with process_group(world, device):
+        return _run(config, world, device, config["log"]["progress"] if progress is None else progress, stop_at)
+
+
+@dataclass
+class _Run:
+    """Everything a training session works on."""
+
+    config: dict
+    world: Dist
+    task: object
+    model: nn.Module
+    trained: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    metrics: MetricsLog
+    result: RunResult
+
+
+def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, stop_at: int | None) -> RunResult:
+    task = TASKS[config["task"]](config, world, device)
+    torch.manual_seed(config["seed"])
+    random.seed(config["seed"])
+    model = task.build_model().to(device)
+    optimizer = build_optimizer(model, config["train"])
+    scheduler = build_scheduler(optimizer, config["train"])
+    run_dir = Path(config["out_dir"]) / config["run"]
+    start = resume(config, run_dir, model, optimizer, scheduler)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, start if start else None)
+    trained = model if world.world_size == 1 else nn.parallel.DistributedDataParallel(model)
+    run = _Run(config, world, task, model, trained, optimizer, scheduler, metrics, RunResult(run_dir, start))
+    log = config["log"]
+    with monitoring(log["monitor"] and world.is_main, model, optimizer, log["monitor_every"], run_dir, start):
+        _loop(run, start, show_progress, stop_at)
+    return run.result
+
+
+def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> None:
+    steps, log = run.config["train"]["steps"], run.config["log"]
+    bar = progress_bar(steps, start, run.config["run"], show_progress and run.world.is_main)
+    throughput = Throughput()
+    step = start
+    while step < steps:
+        batch = run.task.batch(step)
+        loss, grad_norm = _backward(run, batch)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            _stop_diverged(run, step + 1, loss, batch, bar)
+        run.optimizer.step()
+        run.scheduler.step()
+        step += 1
+        throughput.count(run.task.tokens(batch) * run.world.world_size)
+        if _due(step, log["every"], steps):
+            row = {"step": step, "loss": run.world.mean(loss).item(), "lr": run.scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm.item(), "tokens_per_s": throughput.rate()}
+            run.metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if _due(step, log["eval_every"], steps):
+            run.model.eval()
+            evaluation = {"step": step, **run.task.evaluate(run.model)}
+            run.result.evals.append(evaluation)
+            run.metrics.write(evaluation)
+        if run.world.is_main and log["checkpoint_every"] > 0 and _due(step, log["checkpoint_every"], steps):
+            save_training_state(run.result.run_dir, step, run.model, run.optimizer, run.scheduler, run.config,
+                                log["keep_checkpoints"])
+        bar.update(1)
+        run.result.steps = step
+        if stop_at is not None and step >= stop_at:
+            break
+    bar.close()
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def _backward(run: _Run, batch) -> tuple[Tensor, Tensor]:
+    """Loss on ``batch``, its gradients (clipped to ``train.grad_clip``; 0: unclipped) and their norm."""
+    run.model.train()
+    loss = run.task.loss(run.trained, batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = run.config["train"]["grad_clip"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip if clip > 0 else math.inf)
+    return loss, grad_norm
+
+
+def _stop_diverged(run: _Run, step: int, loss: Tensor, batch, bar) -> None:
+    message = divergence_message(step, loss, run.model, lambda: run.task.loss(run.model, batch), run.result.run_dir)
+    run.metrics.write({"step": step, "diverged": message})
+    bar.close()
+    run.result.diverged = message
+    raise TrainingDiverged(message)

@@ -1,0 +1,79 @@
+"""What a run shows and writes as it goes: the progress bar, ``metrics.jsonl`` and the monitor's files.
+
+* ``MetricsLog``: append-only JSONL rows; on resume the rows after the resumed step are dropped,
+  so a resumed run's log reads as an uninterrupted one's.
+* ``progress_bar``: step count with loss, lr and tokens/s (tqdm; quieter when not on a terminal).
+* ``Throughput``: tokens per second since the last logged row.
+* ``monitoring``: with ``log.monitor``, a ``TrainingMonitor`` writing ``monitor.jsonl`` during the
+  run and its plots after a run that ends normally.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+
+class MetricsLog:
+    """Append-only JSONL of metric rows; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and path.exists():
+            rows = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        path.write_text("".join(line + "\n" for line in rows))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled,
+                mininterval=0.1 if sys.stderr.isatty() else 5.0)
+
+
+class Throughput:
+    """Tokens counted since the last ``rate()`` call, per second."""
+
+    def __init__(self):
+        self.tokens, self.clock = 0, time.perf_counter()
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.clock, 1e-9)
+        self.tokens, self.clock = 0, now
+        return rate
+
+
+@contextmanager
+def monitoring(enabled: bool, model: nn.Module, optimizer, every: int, run_dir: Path, start: int):
+    """Attach a ``TrainingMonitor`` for the body (when ``enabled``); plot its rows if the body ends normally."""
+    if not enabled:
+        yield
+        return
+    from ..analysis import TrainingMonitor
+    from ..analysis.plots import plot_monitor
+
+    sink = MetricsLog(run_dir / "monitor.jsonl", True, start if start else None)
+    monitor = TrainingMonitor(model, optimizer, every=every, sink=sink.write, start_step=start).attach()
+    try:
+        yield
+    finally:
+        monitor.detach()
+    plot_monitor(run_dir / "monitor.jsonl", run_dir)

@@ -1,0 +1,120 @@
+"""What is trained: the language-model and sequence-to-sequence tasks, and the token loss they share.
+
+A task builds its model from the recipe config, hands out batch ``step`` (a function of
+``(seed, step)``, this process's slice of the global batch), computes the loss, counts tokens and
+evaluates on its fixed validation set. ``lm_loss`` is the next-token cross-entropy used by the
+training loop, ``tformer analyze scales`` and the reproductions alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import BlockConfig
+from ..data import ByteTokenizer, LMBatches, Seq2SeqTask, corpus_splits, eval_windows
+from ..errors import ConfigError
+from ..models import EncoderDecoder, LanguageModel
+from .distributed import Dist
+
+
+def token_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy over every target token (in fp32), skipping ``ignore_index``."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Next-token loss of a language model on ``(inputs, targets)``, as ``LMBatches`` yields them."""
+    inputs, targets = batch
+    return token_loss(model(inputs), targets)
+
+
+def _val_metrics(loss: float) -> dict:
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+class LanguageModelTask:
+    """Byte-level language modelling on the embedded corpus or a user's text file."""
+
+    def __init__(self, config: dict, world: Dist, device: torch.device):
+        data = config["data"]
+        self.tokenizer = ByteTokenizer()
+        train_tokens, val_tokens = corpus_splits(data["path"], data["val_fraction"])
+        self.seq_len = data["seq_len"]
+        if self.seq_len > config["model"]["max_seq_len"]:
+            raise ConfigError(f"data.seq_len={self.seq_len} exceeds model.max_seq_len={config['model']['max_seq_len']}")
+        self.batches = LMBatches(train_tokens, config["train"]["batch_size"], self.seq_len, config["seed"],
+                                 world.rank, world.world_size)
+        self.val = eval_windows(val_tokens, self.seq_len, data["eval_windows"])
+        self.config, self.device = config, device
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        return LanguageModel(BlockConfig(**m["block"]), m["n_layers"], self.tokenizer.vocab_size, m["max_seq_len"],
+                             positions=m["positions"], tie_embeddings=m["tie_embeddings"])
+
+    def batch(self, step: int) -> tuple[Tensor, ...]:
+        return tuple(t.to(self.device) for t in self.batches.batch(step))
+
+    def loss(self, model: nn.Module, batch) -> Tensor:
+        return lm_loss(model, batch)
+
+    def tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        inputs, targets = (t.to(self.device) for t in self.val)
+        total = 0.0
+        for i in range(0, len(inputs), 16):
+            total += self.loss(model, (inputs[i : i + 16], targets[i : i + 16])).item() * len(inputs[i : i + 16])
+        return _val_metrics(total / len(inputs))
+
+
+class SequenceToSequenceTask:
+    """Copy / reverse / sort with an encoder-decoder; exact match by greedy decoding."""
+
+    def __init__(self, config: dict, world: Dist, device: torch.device):
+        data = config["data"]
+        self.data = Seq2SeqTask(data["task"], data["vocab_size"], data["min_len"], data["max_len"],
+                                config["train"]["batch_size"], config["seed"], world.rank, world.world_size)
+        self.val = self.data.validation(data["eval_examples"])
+        self.config, self.device = config, device
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        return EncoderDecoder(BlockConfig(**m["block"]), m["n_encoder_layers"], m["n_decoder_layers"],
+                              self.data.vocab_size, max_seq_len=self.data.max_seq_len, positions=m["positions"],
+                              tie_embeddings=m["tie_embeddings"])
+
+    def batch(self, step: int) -> tuple[Tensor, ...]:
+        return tuple(t.to(self.device) for t in self.data.batch(step))
+
+    def loss(self, model: nn.Module, batch) -> Tensor:
+        src, tgt_in, tgt_out, src_pad, tgt_pad = batch
+        logits = model(src, tgt_in, src_padding_mask=src_pad, tgt_padding_mask=tgt_pad)
+        return token_loss(logits, tgt_out, ignore_index=self.data.PAD)
+
+    def tokens(self, batch) -> int:
+        return int((~batch[4]).sum()) + int((~batch[3]).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        model = getattr(model, "module", model)
+        src, tgt_in, tgt_out, src_pad, tgt_pad = (t.to(self.device) for t in self.val)
+        loss = self.loss(model, (src, tgt_in, tgt_out, src_pad, tgt_pad)).item()
+        memory = model.encode(src, src_padding_mask=src_pad)
+        decoded = torch.full_like(tgt_in[:, :1], self.data.BOS)
+        for _ in range(tgt_out.shape[1]):
+            logits = model.decode(decoded, memory, src_padding_mask=src_pad)
+            decoded = torch.cat([decoded, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        predicted = decoded[:, 1:].masked_fill(tgt_pad, self.data.PAD)
+        exact = (predicted == tgt_out).all(1).float().mean().item()
+        return {**_val_metrics(loss), "exact_match": exact}
+
+
+TASKS = {"lm": LanguageModelTask, "seq2seq": SequenceToSequenceTask}

@@ -1,0 +1,126 @@
+"""Saving and restoring everything a run needs to resume bitwise where it stopped.
+
+A checkpoint is a directory ``<run>/step_NNNNNNN/`` holding ``model.safetensors`` (the model, as
+``tformer.save`` writes it), ``train_state.safetensors`` (optimizer tensors and RNG states) and
+``train_state.json`` (step, scheduler, the optimizer's plain values, Python's RNG state, the
+config). ``<run>/latest.json`` names the newest one and ``<run>/model.safetensors`` is a copy of
+its model. Every file is written atomically and nothing is unpickled on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .. import checkpoint
+from ..errors import CheckpointError, ConfigError
+from .optimization import replan_schedule
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
+    """An optimizer ``state_dict`` as (tensors named ``optimizer.<param>.<key>``, JSON-able rest)."""
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, entries in state["state"].items():
+        plain["state"][str(index)] = {}
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain["state"][str(index)][key] = value
+    return tensors, plain
+
+
+def unflatten_optimizer(tensors: dict[str, Tensor], plain: dict) -> dict:
+    """The inverse of ``flatten_optimizer``."""
+    state = {int(i): dict(entries) for i, entries in plain["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, config: dict,
+                        keep: int) -> Path:
+    """Write ``step_NNNNNNN/`` (model, optimizer, RNG, JSON state) atomically, then point ``latest.json`` at it."""
+    name = f"step_{step:07d}"
+    final, tmp = run_dir / name, run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    checkpoint.save(model, tmp / "model.safetensors")
+    tensors, plain_optimizer = flatten_optimizer(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    checkpoint.atomic_write(tmp / "train_state.safetensors", lambda p: save_file(tensors, p))
+    state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": plain_optimizer,
+             "python_random": _jsonable(random.getstate()), "config": config}
+    checkpoint.atomic_write(tmp / "train_state.json", lambda p: Path(p).write_text(json.dumps(state)))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    checkpoint.atomic_write(run_dir / "latest.json", lambda p: Path(p).write_text(json.dumps({"step": step, "dir": name})))
+    shutil.copyfile(final / "model.safetensors", run_dir / ".model.safetensors.tmp")
+    os.replace(run_dir / ".model.safetensors.tmp", run_dir / "model.safetensors")
+    old = sorted(p for p in run_dir.glob("step_*") if p.is_dir() and p.name != name)
+    for stale in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore the checkpoint ``latest.json`` points at; returns ``(step, saved config)``."""
+    try:
+        latest = json.loads((run_dir / "latest.json").read_text())
+        directory = run_dir / latest["dir"]
+        state = json.loads((directory / "train_state.json").read_text())
+    except (OSError, KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{run_dir}: cannot resume, the training state is unreadable ({error})") from None
+    saved = checkpoint.load(directory / "model.safetensors")
+    model.load_state_dict(saved.state_dict())
+    try:
+        tensors = load_file(directory / "train_state.safetensors")
+        optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{directory}: cannot resume, the optimizer/RNG state is damaged ({type(error).__name__}: {error}); "
+            f"remove {run_dir / 'latest.json'} to start over, or pass resume=false"
+        ) from None
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_tupled(state["python_random"]))
+    return state["step"], state["config"]
+
+
+def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler) -> int:
+    """The step to start from: 0, or (with ``resume: true`` and a ``latest.json``) the restored checkpoint's.
+
+    The checkpoint must hold the same task and model as ``config``; the rest of ``config`` wins,
+    so a longer ``train.steps`` re-plans the learning-rate decay from here.
+    """
+    if not (config["resume"] and (run_dir / "latest.json").exists()):
+        return 0
+    step, saved_config = load_training_state(run_dir, model, optimizer, scheduler)
+    if saved_config["model"] != config["model"] or saved_config["task"] != config["task"]:
+        raise ConfigError(f"{run_dir} holds a run with a different model; pick another run name or resume=false")
+    replan_schedule(scheduler, optimizer, config["train"])
+    return step
