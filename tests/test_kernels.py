@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
 
 import pytest
 import torch
@@ -147,7 +154,8 @@ def test_switched_off_by_the_environment(fresh_kernels, monkeypatch):
 @pytest.mark.parametrize("compiler, reason", [("/nonexistent/cc", "does not run"), ("false", "building")])
 def test_a_broken_compiler_falls_back_and_says_why(fresh_kernels, monkeypatch, compiler, reason):
     monkeypatch.setenv("CC", compiler)
-    status = kernels.status()
+    with pytest.warns(kernels.KernelBuildWarning, match=reason):
+        status = kernels.status()
     assert not status.available and reason in status.reason
     x = torch.randn(2, 8)
     torch.testing.assert_close(rms_norm(x, torch.ones(8), 1e-5), F.rms_norm(x, (8,), None, 1e-5))
@@ -239,3 +247,313 @@ def test_advice_is_refused_for_less_than_one_aligned_huge_page():
     small = torch.empty(1024)
     assert kernels._lib.tformer_advise_hugepages(small.data_ptr(), 4096) == -1
     assert kernels._lib.tformer_advise_hugepages(small.data_ptr(), 0) == -1
+
+
+# --- building: warnings, the cache directory, build(), concurrency, pruning, the cache key ---------
+
+
+def compiler_wrapper(directory, before_compiling):
+    """A ``CC`` that runs the shell snippet ``before_compiling`` ahead of each real compile (the
+    ``-shared`` invocations; not ``--version`` or ``-###``), then the real compiler."""
+    script = directory / "cc"
+    script.write_text(f'#!/bin/sh\ncase " $* " in *" -shared "*) {before_compiling} ;; esac\n'
+                      f'exec {shlex.join(kernels._compiler())} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def build_warnings(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, kernels.KernelBuildWarning)]
+
+
+def test_a_failed_build_warns_once_with_what_runs_instead_and_the_fixes(fresh_kernels, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    with pytest.warns(kernels.KernelBuildWarning) as caught:
+        status = kernels.status()
+    [message] = build_warnings(caught)
+    assert not status.available and status.reason in message
+    for part in ("not in use", "building the C kernels failed", "pure-PyTorch route", "1.1-1.3x", "nn.LayerNorm",
+                 "install a C compiler", "set CC", kernels.ENV_CACHE, f"{kernels.ENV_SWITCH}=0", "--build-kernels"):
+        assert part in message, part
+    assert issubclass(kernels.KernelBuildWarning, UserWarning)
+    with warnings.catch_warnings():  # once per process: not again, not even for an explicit rebuild
+        warnings.simplefilter("error", kernels.KernelBuildWarning)
+        x = torch.randn(3, 8)
+        for _ in range(3):
+            torch.testing.assert_close(rms_norm(x, torch.ones(8), 1e-5), F.rms_norm(x, (8,), None, 1e-5))
+        assert not kernels.available() and kernels.status() is status
+        assert not kernels.build(force=True).available
+
+
+def test_no_compiler_at_all_warns(fresh_kernels, monkeypatch, tmp_path):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.warns(kernels.KernelBuildWarning, match="no C compiler found.*pure-PyTorch route"):
+        assert not kernels.available()
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(rms_norm(x, torch.ones(8), 1e-5), F.rms_norm(x, (8,), None, 1e-5))
+
+
+def test_switching_the_kernels_off_does_not_warn(fresh_kernels, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    monkeypatch.setenv("CC", "false")  # would fail and warn, were it tried
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernels.KernelBuildWarning)
+        assert not kernels.available() and not kernels.build().available
+        rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)
+    assert list(fresh_kernels.iterdir()) == []
+
+
+@needs_kernels
+@pytest.mark.parametrize("how", ["under-a-regular-file", "chmod-0o500"])
+def test_an_unwritable_cache_directory_falls_back_to_a_temporary_one(fresh_kernels, monkeypatch, tmp_path, how):
+    if how == "under-a-regular-file":  # mkdir fails, for root too
+        (tmp_path / "a-file").write_text("")
+        cache = tmp_path / "a-file" / "cache"
+    else:
+        cache = tmp_path / "read-only"
+        cache.mkdir(mode=0o500)
+        if os.geteuid() == 0:  # root writes into it anyway: refuse as the kernel would for anyone else
+            real = tempfile.TemporaryFile
+
+            def temporary_file(*args, dir=None, **kwargs):
+                if dir is not None and os.path.samefile(dir, cache):
+                    raise PermissionError(13, "Permission denied")
+                return real(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    monkeypatch.setenv(kernels.ENV_CACHE, str(cache))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    private = tmp_path / "tmp" / f"tformer-kernels-{os.getuid()}"
+    try:
+        with pytest.warns(kernels.KernelBuildWarning) as caught:
+            status = kernels.status()
+        [message] = build_warnings(caught)
+        assert status.available and status.path.startswith(str(private))
+        assert status.reason.startswith("built in") and "not writable" in status.reason
+        for part in (str(cache), "not writable", str(private), "in use", kernels.ENV_CACHE):
+            assert part in message, part
+        assert oct(private.stat().st_mode & 0o777) == oct(0o700)
+        x = torch.randn(2, 3, 8, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", kernels.KernelBuildWarning)
+            y = rms_norm(x, torch.ones(8), 1e-5)
+        assert type(y.grad_fn).__name__ == "_KernelFunctionBackward"
+        torch.testing.assert_close(y, F.rms_norm(x, (8,), None, 1e-5))
+        kernels._reset()  # another process of this user: takes that build, and warns too
+        with pytest.warns(kernels.KernelBuildWarning, match="loaded in the temporary directory"):
+            again = kernels.status()
+        assert again.path == status.path and again.reason.startswith("loaded from the cache in")
+    finally:
+        if how == "chmod-0o500":
+            cache.chmod(0o700)
+
+
+@needs_kernels
+def test_a_temporary_directory_others_can_write_is_not_used(fresh_kernels, monkeypatch, tmp_path):
+    """A per-user directory in /tmp that is not private could hold anyone's library: not loaded from."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / "a-file" / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    shared = tmp_path / "tmp" / f"tformer-kernels-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.warns(kernels.KernelBuildWarning):
+        status = kernels.status()
+    assert status.available and not status.path.startswith(str(shared))
+    assert os.path.basename(os.path.dirname(status.path)).startswith("tformer-kernels-")
+    assert list(shared.iterdir()) == []
+
+
+@needs_kernels
+def test_a_read_only_cache_holding_the_build_serves_it_without_a_warning(fresh_kernels, monkeypatch):
+    built = kernels.status()
+    kernels._reset()
+
+    def refuse(*args, **kwargs):  # as on a read-only mount (root ignores the chmod below)
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", refuse)
+    monkeypatch.setattr(kernels._build, "_unwritable", lambda directory: "read-only, and should not be asked")
+    fresh_kernels.chmod(0o500)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", kernels.KernelBuildWarning)
+            status = kernels.status()
+    finally:
+        fresh_kernels.chmod(0o700)
+    assert status.available and status.reason == "loaded from the cache" and status.path == built.path
+
+
+@needs_kernels
+def test_build_ahead_of_time(fresh_kernels):
+    assert "build" in kernels.__all__
+    built = kernels.build()
+    assert built.available and built.reason == "built" and built.path.startswith(str(fresh_kernels))
+    assert kernels.status() is built and kernels.build() is built  # settled: no second compile
+    inode = os.stat(built.path).st_ino
+    again = kernels.build(force=True)
+    assert again.available and again.reason == "built" and again.path == built.path
+    assert os.stat(again.path).st_ino != inode  # compiled afresh and renamed over the old one
+    kernels._reset()  # the next process (a torchrun rank) loads it
+    assert kernels.status().reason == "loaded from the cache"
+    assert [p.name for p in fresh_kernels.iterdir()] == [os.path.basename(built.path)]
+
+
+@needs_kernels
+def test_info_build_kernels_builds_and_prints_the_status(fresh_kernels, capsys):
+    from tformer.cli import main
+
+    assert main(["info", "--build-kernels"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("C kernels:")]
+    assert "in use" in line and "built: " + str(fresh_kernels) in line
+    kernels._reset()
+    assert main(["info"]) == 0  # plain info still shows the status
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("C kernels:")]
+    assert "in use" in line and "loaded from the cache" in line
+
+
+def test_info_build_kernels_exits_1_when_the_build_fails(fresh_kernels, monkeypatch, capsys):
+    from tformer.cli import main
+
+    monkeypatch.setenv("CC", "false")
+    with pytest.warns(kernels.KernelBuildWarning):
+        assert main(["info", "--build-kernels"]) == 1
+    assert "C kernels:   not in use (building the C kernels failed" in capsys.readouterr().out
+    kernels._reset()
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")  # switched off: nothing to build, not a failure
+    assert main(["info", "--build-kernels"]) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("wait", [0.2, 300.0], ids=["falls-back", "waits"])
+def test_a_slow_build_in_one_thread_does_not_hold_up_the_others(fresh_kernels, monkeypatch, tmp_path_factory, wait):
+    """The first thread compiles (a CC that sleeps 3 s first); a second thread's forward waits at most
+    BUILD_WAIT_SECONDS, then takes the pure-PyTorch route (or, with a long wait, gets the kernel)."""
+    tools = tmp_path_factory.mktemp("cc")
+    compiling = tools / "compiling"
+    monkeypatch.setenv("CC", compiler_wrapper(tools, f"touch {shlex.quote(str(compiling))}; sleep 3"))
+    monkeypatch.setattr(kernels, "BUILD_WAIT_SECONDS", wait)
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(4, 5, 64), torch.randn(64), torch.randn(4, 5, 64)
+    want = reference(x, weight, 1e-5, grad)
+    results = {}
+
+    def call(name):
+        start = time.monotonic()
+        y = rms_norm(x.clone().requires_grad_(), weight, 1e-5)
+        results[name] = (run(rms_norm, x, weight, 1e-5, grad), type(y.grad_fn).__name__, time.monotonic() - start)
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not compiling.exists():  # the first thread is in the compiler now
+        assert time.monotonic() < deadline and first.is_alive()
+        time.sleep(0.02)
+    second = threading.Thread(target=call, args=("second",))
+    second.start()
+    second.join(timeout=120)
+    second_done_while_building = first.is_alive()
+    first.join(timeout=120)
+    assert not first.is_alive() and not second.is_alive()
+    assert results["first"][1] == "_KernelFunctionBackward"
+    if wait < 1:
+        assert results["second"][1] == "RMSNormFunctionBackward" and second_done_while_building
+        assert results["second"][2] < 2.5  # waited 0.2 s, not for the 3 s build
+    else:
+        assert results["second"][1] == "_KernelFunctionBackward"  # waited for the build, and got it
+    for name in ("first", "second"):
+        for g, w in zip(results[name][0], want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    status = kernels.status()
+    assert status.available and status.reason == "built"
+    assert [p.name for p in fresh_kernels.iterdir()] == [os.path.basename(status.path)]
+
+
+@needs_kernels
+def test_ranks_building_at_once_leave_one_complete_build(fresh_kernels, monkeypatch, tmp_path_factory):
+    """Two processes (torchrun ranks) compile the same key at the same moment (the CC makes each wait
+    for the other): each writes its own temporary and renames it; both load a complete library."""
+    tools = tmp_path_factory.mktemp("cc")
+    barrier = tools / "barrier"
+    barrier.mkdir()
+    wait_for_both = (f'touch {shlex.quote(str(barrier))}/$$; n=0; '
+                     f'while [ "$(ls {shlex.quote(str(barrier))} | wc -l)" -lt 2 ] && [ $n -lt 1200 ]; '
+                     f'do sleep 0.05; n=$((n+1)); done')
+    monkeypatch.setenv("CC", compiler_wrapper(tools, wait_for_both))  # the same key here, for the check below
+    env = {**os.environ, kernels.ENV_CACHE: str(fresh_kernels), "OMP_NUM_THREADS": "1"}
+    env.pop(kernels.ENV_SWITCH, None)
+    code = "from tformer import kernels; s = kernels.build(); print(s.available, s.reason, s.path)"
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    lines = {out.strip() for out, _ in outputs}
+    assert len(os.listdir(barrier)) == 2  # both compiled, at the same time
+    [line] = lines  # the same build
+    assert line.startswith("True built ")
+    path = line.split(" ", 2)[2]
+    assert [p.name for p in fresh_kernels.iterdir()] == [os.path.basename(path)]  # no temporaries
+    here = kernels.status()
+    assert here.path == path and here.reason == "loaded from the cache"
+
+
+@needs_kernels
+def test_a_new_build_prunes_stale_builds_and_nothing_else(fresh_kernels, tmp_path_factory):
+    old = time.time() - 2 * kernels._build.PRUNE_UNUSED_SECONDS
+    outside = tmp_path_factory.mktemp("outside") / "precious.so"
+    outside.write_text("not ours")
+    files = {  # name: (age, pruned?)
+        "rmsnorm-0123456789abcdef.so": (old, True),  # another key, unused for long
+        "rmsnorm-fedcba9876543210.so": (time.time(), False),  # another key, used just now (say another machine)
+        ".rmsnorm-0123456789abcdef-ab_12cd.tmp": (old, True),  # left by a killed compile
+        ".rmsnorm-0123456789abcdef-live1234.tmp": (time.time(), False),  # a compile under way
+        "rmsnorm-notakey.so": (old, False),
+        "rmsnorm-0123456789abcdef.so.bak": (old, False),
+        "notes.txt": (old, False),
+    }
+    for name, (when, _) in files.items():
+        (fresh_kernels / name).write_text("")
+        os.utime(fresh_kernels / name, (when, when))
+    link = fresh_kernels / "rmsnorm-aaaaaaaaaaaaaaaa.so"
+    link.symlink_to(outside)
+    os.utime(link, (old, old), follow_symlinks=False)
+    status = kernels.status()
+    assert status.reason == "built"
+    kept = {name for name, (_, pruned) in files.items() if not pruned}
+    assert {p.name for p in fresh_kernels.iterdir()} == kept | {link.name, os.path.basename(status.path)}
+    assert outside.read_text() == "not ours"
+    # loading from the cache prunes nothing, and marks the build as used
+    stale = fresh_kernels / "rmsnorm-1111111111111111.so"
+    stale.write_text("")
+    os.utime(stale, (old, old))
+    os.utime(status.path, (old, os.stat(status.path).st_mtime))
+    kernels._reset()
+    assert kernels.status().reason == "loaded from the cache" and stale.exists()
+    assert os.stat(status.path).st_atime > time.time() - 600
+
+
+@needs_kernels
+@pytest.mark.parametrize("probe", ["_cpu_signature", "_native_target"])
+def test_the_cache_key_follows_the_cpus_instruction_set(fresh_kernels, monkeypatch, probe):
+    """A cache shared by two machines with different ISA features holds two builds, never one."""
+    paths = []
+    for features in ("flags : fpu sse2 avx avx2", "flags : fpu sse2 avx avx2 avx512f"):
+        monkeypatch.setattr(kernels._build, probe, lambda *args, features=features: features)
+        kernels._reset()
+        status = kernels.status()
+        assert status.available and status.reason == "built"
+        paths.append(status.path)
+    assert paths[0] != paths[1] and all(os.path.exists(p) for p in paths)
+
+
+@needs_kernels
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="Linux: /proc/cpuinfo")
+def test_the_cache_key_reads_the_isa_features_and_march_native():
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "").strip()
+    assert flags and flags in kernels._build._cpu_signature()
+    target = kernels._build._native_target(tuple(kernels._compiler()))
+    assert "-march=" in target or "-target-cpu" in target or "-mcpu=" in target, target

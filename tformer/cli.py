@@ -16,13 +16,16 @@ def _info(args: argparse.Namespace) -> int:
     from tformer import kernels
     from tformer.backends import resolve_backend
 
+    kernel_status = kernels.build() if args.build_kernels else kernels.status()
     probe = torch.zeros(1, 1, 1, 8, device=args.device)
     print(f"tformer {tformer.__version__}, torch {torch.__version__}")
     print(f"norms:       {', '.join(tformer.NORMS)} (and 'deepnorm' = layernorm + deepnorm placement)")
     print(f"placements:  {', '.join(tformer.PLACEMENTS)}")
     print(f"activations: {', '.join(tformer.ACTIVATIONS)}")
     print(f"attention:   {', '.join(tformer.BACKENDS)}; 'auto' runs {resolve_backend('auto', probe)!r} on {args.device}")
-    print(f"C kernels:   {kernels.status()} (RMSNorm on CPU; {kernels.ENV_SWITCH}=0 switches them off)")
+    print(f"C kernels:   {kernel_status} (RMSNorm on CPU; {kernels.ENV_SWITCH}=0 switches them off)")
+    if args.build_kernels and not kernel_status.available and not kernels._switched_off(kernels.ENV_SWITCH):
+        return 1  # asked to build and could not: a launch script should stop here
     return 0
 
 
@@ -52,7 +55,7 @@ def _recipe_config(task_hint: str | None, items: list[str]) -> dict:
 
     from tformer.errors import ConfigError
     from tformer.recipe_config import load_config, parse_override
-    from tformer.training import recipe_defaults
+    from tformer.training.schema import recipe_defaults
 
     path, overrides = _split_config_args(items)
     task = task_hint
@@ -73,7 +76,8 @@ def _recipe_config(task_hint: str | None, items: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tformer.training import TrainingDiverged, train
+    from tformer.training.diagnosis import TrainingDiverged
+    from tformer.training.loop import train
 
     config = _recipe_config(args.task, args.config)
     if args.print_config:
@@ -127,11 +131,10 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _analyze_scales(args: argparse.Namespace) -> int:
-    import torch.nn.functional as F
-
     import tformer
     from tformer.analysis import expected_gradient_scales
     from tformer.analysis.reproductions import corpus_batches
+    from tformer.training.tasks import lm_loss
 
     if not args.checkpoint:
         raise SystemExit("tformer analyze scales: give --checkpoint PATH (a LanguageModel checkpoint or run directory)")
@@ -139,12 +142,7 @@ def _analyze_scales(args: argparse.Namespace) -> int:
     if not isinstance(model, tformer.LanguageModel):
         raise SystemExit(f"tformer analyze scales: {args.checkpoint} holds a {type(model).__name__}, not a LanguageModel")
     seq_len = min(128, model.embedding.max_seq_len)
-
-    def loss_fn(m, batch):
-        logits = m(batch[0])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
-
-    rows = expected_gradient_scales(model, corpus_batches(args.batches, seq_len=seq_len), loss_fn)
+    rows = expected_gradient_scales(model, corpus_batches(args.batches, seq_len=seq_len), lm_loss)
     print(f"{'stack':8s} {'layer':>5s} {'param':28s} {'grad_norm':>10s} {'param_norm':>10s} {'ratio':>9s}")
     for r in rows:
         print(f"{r['stack']:8s} {r['layer']:5d} {r['param']:28s} {r['grad_norm']:10.4g} {r['param_norm']:10.4g} "
@@ -198,8 +196,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print("tied weights:    " + ", ".join(f"{a} = {t}" for a, t in meta["aliases"].items()))
     if meta["user"]:
         print("metadata:        " + json.dumps(meta["user"]))
-    print("constructor arguments:")
-    args_text = dump_config(readable_args(description["args"]))
+    print("spec (constructor arguments):")
+    args_text = dump_config(readable_args(description))
     print("".join("  " + line + "\n" for line in args_text.splitlines()), end="")
     return 0
 
@@ -214,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                                description="List the registered norms, placements, activations and attention "
                                            "backends, and which backend attention='auto' picks on a device.")
     info.add_argument("--device", default="cpu", help="device to resolve attention='auto' for (default: cpu)")
+    info.add_argument("--build-kernels", action="store_true",
+                      help="build the C RMSNorm kernel now (or load it from the cache) and print its status; "
+                           "run it once before torchrun starts several ranks. Exit code 1 if it cannot be built")
     info.set_defaults(run=_info)
 
     grid = commands.add_parser("grid", help="run every norm x placement combination once and print the grid",

@@ -4,12 +4,25 @@ PyTorch has no fused RMSNorm on the CPU (``F.rms_norm`` is a composite of five o
 full-size passes). ``rmsnorm.c`` does the forward and the backward in one pass over memory each,
 like ``nn.LayerNorm``'s kernel. It is plain C with OpenMP (no PyTorch headers), so building it
 takes a fraction of a second with the system's C compiler; the shared library is cached under
-``$TFORMER_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tformer`` or ``~/.cache/tformer``) by a hash of
-the source, the compiler, its flags and the CPU, and loaded from there afterwards.
+``$TFORMER_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tformer`` or ``~/.cache/tformer``) and loaded
+from there afterwards. Its file name is a hash of the source, the compiler and its version, the
+flags, the CPU's ISA features (``/proc/cpuinfo``) and what ``-march=native`` resolves to, so a
+cache shared between machines never hands one a build for instructions it lacks. After a new
+build, builds of other keys unused for a day are deleted (``_build.prune``; nothing else is).
 
-When no compiler is found, the build fails, or ``TFORMER_CPU_KERNELS=0`` is set, ``available()``
-is False, ``status()`` says why, and the callers use their pure-PyTorch route instead (same
-results to rounding, somewhat slower). Nothing here runs at import time.
+The first call of ``status()``, ``available()`` or an RMSNorm builds or loads them; ``build()``
+does it ahead of time (``tformer info --build-kernels``, e.g. before torchrun starts its ranks).
+Compiles write a temporary file of their own and rename it into the cache, so threads and
+processes building at once are safe and no one loads a half-written library. No lock is held
+while compiling: one thread builds, other threads wait for it at most ``BUILD_WAIT_SECONDS`` and
+then take the pure-PyTorch route until it is ready. A cache directory that cannot be written
+is replaced by a temporary one.
+
+When no compiler is found or the build fails, ``available()`` is False, ``status()`` says why,
+the callers use their pure-PyTorch route instead (same results to rounding, slower), and a
+``KernelBuildWarning`` says so once per process (likewise for the temporary-directory
+fallback). ``TFORMER_CPU_KERNELS=0`` switches the kernels off without a warning. Nothing here
+runs at import time.
 
 Outputs over 32 MiB are fresh mmaps whose first write costs one page fault per 4 KiB (at
 (8, 2048, 1024) that is more time than the arithmetic, for ``nn.LayerNorm`` too); the kernels ask
@@ -21,62 +34,42 @@ for transparent huge pages on them first (``madvise``, Linux, where THP is in "m
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
+import sys
 import threading
-from dataclasses import dataclass
-from pathlib import Path
+import time
+import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["KERNEL_DTYPES", "KernelStatus", "available", "rms_norm_backward", "rms_norm_forward", "status"]
+from . import _build
+from ._build import ABI_VERSION, ENV_CACHE, ENV_SWITCH, SOURCE, cache_dir  # noqa: F401 (kept here)
+from ._build import KernelBuildWarning, KernelStatus
+from ._build import compiler_command as _compiler
+from ._build import switched_off as _switched_off
 
-ENV_SWITCH = "TFORMER_CPU_KERNELS"
-ENV_CACHE = "TFORMER_CACHE_DIR"
+__all__ = ["KERNEL_DTYPES", "KernelBuildWarning", "KernelStatus", "available", "build", "rms_norm_backward",
+           "rms_norm_forward", "status"]
+
 ENV_HUGEPAGES = "TFORMER_HUGEPAGES"
 #: Outputs at least this big get ``madvise(MADV_HUGEPAGE)`` before the kernel writes them. glibc
 #: serves blocks over 32 MiB (its largest mmap threshold on 64-bit) with a fresh mmap every time,
 #: so each one page-faults 4 KiB at a time; smaller blocks come back from the heap already mapped,
 #: and advising those measured slower (16 MiB: 4.5 vs 3.6 ms).
 HUGEPAGE_MIN_BYTES = 32 << 20
-SOURCE = Path(__file__).with_name("rmsnorm.c")
-ABI_VERSION = 2
 #: dtypes the C kernels take (input, weight and outputs all of that dtype)
-KERNEL_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-# -march=native: the library is built on, and keyed to, the CPU it runs on
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"],
-    ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC"],  # compilers without OpenMP (Apple clang)
-    ["-O3", "-std=c11", "-shared", "-fPIC"],  # compilers without -march=native
-)
+KERNEL_DTYPES = dict(zip((torch.float32, torch.float64), _build.SUFFIXES))
+#: How long ``status()`` (and so an RMSNorm forward) waits for another thread's build before it
+#: takes the pure-PyTorch route for this call; a build takes well under a second.
+BUILD_WAIT_SECONDS = 2.0
 
-
-@dataclass(frozen=True)
-class KernelStatus:
-    """Whether the native kernels are in use, where from, and if not, why not."""
-
-    available: bool
-    reason: str
-    path: str | None = None
-    openmp: bool = False
-
-    def __str__(self) -> str:
-        if not self.available:
-            return f"not in use ({self.reason})"
-        threads = "OpenMP" if self.openmp else "single-threaded"
-        return f"in use ({threads}; {self.path})"
-
-
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards the state below; never held while compiling
 _lib: ctypes.CDLL | None = None
 _status: KernelStatus | None = None
 _hugepages = False
+_building: threading.Event | None = None  # set when the build under way (in some thread) is done
+_warned = False
 
 
 def available() -> bool:
@@ -85,123 +78,78 @@ def available() -> bool:
 
 
 def status() -> KernelStatus:
-    """The kernels' state; the first call builds or loads them."""
-    global _lib, _status, _hugepages
-    if _status is None:
+    """The kernels' state; the first call builds or loads them. While another thread builds, this
+    waits up to ``BUILD_WAIT_SECONDS``, then returns a not-available status for the time being."""
+    current = _status
+    return current if current is not None else _settle(BUILD_WAIT_SECONDS)
+
+
+def build(*, force: bool = False) -> KernelStatus:
+    """Build (or load from the cache) the kernels now and return their status; with ``force``,
+    compile afresh even if the cache has a build (e.g. a single-threaded one from before OpenMP was
+    installed). Waits for a build under way in another thread. Run it (or ``tformer info
+    --build-kernels``) once before starting several processes, so that they all load one build."""
+    return _settle(None, force=force)
+
+
+def _settle(wait: float | None, force: bool = False) -> KernelStatus:
+    """Build or load in this thread, or wait up to ``wait`` seconds (None: as long as it takes)
+    for the thread that is doing so. The lock is only held to read and publish the state."""
+    global _lib, _status, _hugepages, _building
+    deadline = None if wait is None else time.monotonic() + wait
+    while True:
         with _lock:
-            if _status is None:
-                _lib, _status = _load()
-                _hugepages = _lib is not None and not _switched_off(ENV_HUGEPAGES)
-    return _status
+            if _status is not None and not force:
+                return _status
+            if _building is None:
+                _building = done = threading.Event()
+                break
+            done = _building
+        if not done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            return KernelStatus(False, "being built by another thread; the pure-PyTorch route runs meanwhile")
+        force = False  # that build is as fresh as ours would be
+    try:
+        lib, loaded, warning = _build.load(force=force)
+        with _lock:  # _status last: status() reads it without the lock
+            _lib = lib
+            _hugepages = lib is not None and not _switched_off(ENV_HUGEPAGES)
+            _status = loaded
+    finally:
+        with _lock:
+            _building = None
+        done.set()
+    if warning:
+        _warn_once(warning)
+    return loaded
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    with _lock:
+        if _warned:
+            return
+        _warned = True
+    level, frame = 3, sys._getframe(2)  # point at the first caller outside tformer and torch
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("tformer", "torch")):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, KernelBuildWarning, stacklevel=level)
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a thread of its parent was building has no such thread: it builds itself."""
+    global _lock, _building
+    _lock, _building = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reset() -> None:
-    """Forget the loaded state so the next call looks again (tests switch the environment)."""
-    global _lib, _status, _hugepages
+    """Forget the loaded state and the warning, as in a fresh process (tests switch the environment)."""
+    global _lib, _status, _hugepages, _warned
     with _lock:
-        _lib, _status, _hugepages = None, None, False
-
-
-def _switched_off(variable: str) -> bool:
-    return os.environ.get(variable, "1").strip().lower() in {"0", "false", "no", "off"}
-
-
-def cache_dir() -> Path:
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tformer"
-
-
-def _compiler() -> list[str] | None:
-    """The C compiler's command: ``$CC`` (may carry arguments, e.g. ``ccache gcc``), else cc, gcc, clang."""
-    if os.environ.get("CC", "").strip():
-        return shlex.split(os.environ["CC"])
-    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    return [found] if found else None
-
-
-def _cpu_signature() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
-def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
-    if _switched_off(ENV_SWITCH):
-        return None, KernelStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
-    compiler = _compiler()
-    if compiler is None:
-        return None, KernelStatus(False, "no C compiler found (set CC, or install gcc or clang)")
-    source = SOURCE.read_bytes()
-    try:
-        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        return None, KernelStatus(False, f"C compiler {shlex.join(compiler)!r} does not run: {error}")
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join([source, shlex.join(compiler).encode(), version.encode(), " ".join(flags).encode(),
-                        _cpu_signature().encode()])
-        ).hexdigest()[:16]
-        path = cache_dir() / f"rmsnorm-{key}.so"
-        how = "loaded from the cache"
-        if not path.exists():
-            error = _build(compiler, flags, path)
-            if error:
-                errors.append(error)
-                continue
-            how = "built"
-        try:
-            lib = ctypes.CDLL(str(path))
-            if lib.tformer_kernels_abi() != ABI_VERSION:
-                raise OSError(f"{path} has ABI {lib.tformer_kernels_abi()}, expected {ABI_VERSION}")
-            _declare(lib)
-        except (OSError, AttributeError) as error:
-            errors.append(f"loading {path}: {error}")
-            continue
-        return lib, KernelStatus(True, how, str(path), bool(lib.tformer_kernels_openmp()))
-    return None, KernelStatus(False, "building the C kernels failed: " + " | ".join(errors))
-
-
-def _build(compiler: list[str], flags: list[str], path: Path) -> str | None:
-    """Compile into a temporary file next to ``path`` and rename it (concurrent builds are safe)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-    except OSError as error:
-        return f"cache directory {path.parent}: {error}"
-    command = [*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-            return f"{shlex.join(command)}: {last}"
-        os.replace(tmp, path)
-        return None
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"{shlex.join(command)}: {error}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    pointer, i64, c_int, c_double = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    for suffix in KERNEL_DTYPES.values():
-        forward = getattr(lib, f"tformer_rmsnorm_forward_{suffix}")
-        forward.argtypes = [pointer, pointer, pointer, pointer, i64, i64, c_double, c_int]
-        forward.restype = None
-        backward = getattr(lib, f"tformer_rmsnorm_backward_{suffix}")
-        backward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, c_int]
-        backward.restype = None
-    lib.tformer_advise_hugepages.argtypes = [pointer, i64]
-    lib.tformer_advise_hugepages.restype = c_int
+        _lib, _status, _hugepages, _warned = None, None, False, False
 
 
 def _check(name: str, weight: Tensor, *rows: Tensor) -> None:
@@ -218,9 +166,14 @@ def _check(name: str, weight: Tensor, *rows: Tensor) -> None:
 
 
 def _library() -> ctypes.CDLL:
-    if _lib is None and not available():
-        raise RuntimeError(f"tformer's C kernels are {status()}")
-    return _lib
+    """The loaded library; waits for a build under way, however long (the caller asked for the kernel)."""
+    lib = _lib
+    if lib is None:
+        _settle(None)
+        lib = _lib
+        if lib is None:
+            raise RuntimeError(f"tformer's C kernels are {status()}")
+    return lib
 
 
 def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
