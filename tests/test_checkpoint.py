@@ -177,3 +177,74 @@ def test_tensor_missing_or_wrong_shape(tmp_path, good):
     save_file(extra, tmp_path / "extra.safetensors", metadata=metadata)
     with pytest.raises(CheckpointError, match="'bogus' is not part of"):
         load(tmp_path / "extra.safetensors")
+
+
+# ----------------------------------------------------------------- format 1 (before specs) still loads
+
+V1 = os.path.join(os.path.dirname(__file__), "data", "format_v1")
+
+
+def _v1_inputs(name, stored):
+    inputs = torch.tensor(stored["input"])
+    if name == "lm":
+        return lambda m: m(inputs)
+    if name == "encdec":
+        return lambda m: m(inputs, inputs)
+    if name == "decoder_block":
+        return lambda m: m(inputs, memory=inputs)
+    return lambda m: m(inputs)
+
+
+@pytest.mark.parametrize("name", ["lm", "encdec", "encoder", "decoder", "encoder_block", "decoder_block"])
+def test_format_1_checkpoints_written_before_the_redesign_load_with_the_same_outputs(name):
+    """Fixtures written by tformer at commit a61a88f (tests/data/format_v1/make_fixtures.py)."""
+    path = os.path.join(V1, f"{name}.safetensors")
+    assert tformer.read_metadata(path)["format_version"] == "1"
+    with open(os.path.join(V1, "expected_outputs.json")) as f:
+        stored = json.load(f)[name]
+    model = load(path)
+    with torch.no_grad():
+        out = _v1_inputs(name, stored)(model)
+    torch.testing.assert_close(out, torch.tensor(stored["output"]), rtol=0, atol=1e-5)
+
+
+def test_format_1_powernorm_keeps_its_single_group():
+    """Format 1 blocks ran PowerNorm with one group; blocks now default to one per head, so the loader pins 1."""
+    model = load(os.path.join(V1, "encoder.safetensors"))
+    assert {m.group_num for m in model.modules() if isinstance(m, tformer.powernorm.PowerNorm)} == {1}
+    fresh = tformer.Encoder(model.cfg.__class__(**{**model.cfg.__dict__, "norm_options": {"warmup_iters": 2}}), 2)
+    assert {m.group_num for m in fresh.modules() if isinstance(m, tformer.powernorm.PowerNorm)} == {2}  # n_heads
+
+
+def test_saving_writes_format_2_and_resaving_a_format_1_model_upgrades_it(tmp_path):
+    model = load(os.path.join(V1, "lm.safetensors"))
+    path = save(model, tmp_path / "upgraded.safetensors")
+    meta = tformer.read_metadata(path)
+    assert meta["format_version"] == "2" and meta["model"]["spec"]["n_layers"] == 4
+    tokens = torch.randint(0, 40, (2, 6))
+    torch.testing.assert_close(load(path)(tokens), model(tokens), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------- one-off norms and parts are not saveable
+
+
+class OneOffNorm(torch.nn.Module):
+    def __init__(self, d_model):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x, padding_mask=None):
+        return self.weight * x / x.norm(dim=-1, keepdim=True)
+
+
+def test_unregistered_norm_or_placement_or_part_is_refused_with_what_to_do(tmp_path):
+    cfg = BlockConfig(d_model=8, n_heads=2, d_ff=16, norm=OneOffNorm)
+    with pytest.raises(CheckpointError, match=r"norm='OneOffNorm'.*register.*NORMS\.register"):
+        save(tformer.Encoder(cfg, 1), tmp_path / "a.safetensors")
+    placement = tformer.hyper_connections(2, dynamic=False)
+    with pytest.raises(CheckpointError, match="placement=.*register"):
+        save(tformer.Encoder(BlockConfig(d_model=8, n_heads=2, d_ff=16, placement=placement), 1), tmp_path / "b.safetensors")
+    block = tformer.EncoderBlock(BlockConfig(d_model=8, n_heads=2, d_ff=16), ffn=torch.nn.Linear(8, 8))
+    with pytest.raises(CheckpointError, match="parts passed in"):
+        save(block, tmp_path / "c.safetensors")
+    assert not list(tmp_path.iterdir())

@@ -2,6 +2,7 @@ import csv
 
 import pytest
 
+from tformer import NORMS, PLACEMENTS
 from tformer.cli import main
 from tformer.study import StudyRow, run_study, unigram_entropy, verdict
 
@@ -50,6 +51,21 @@ def test_study_command(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "# Placement study" in out and "| pre | layernorm | 2 |" in out
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_every_registered_placement_runs_in_the_study(tmp_path, placement):
+    rows, _ = run_study(tmp_path, placements=(placement,), norms=("rmsnorm",), warmup_steps=1, steps=2,
+                        target_loss=9.0, overrides=[*TINY, "log.eval_every=2"], progress=False)
+    assert [r.placement for r in rows] == [placement, placement]
+    assert all(r.final_val_loss < 6.0 for r in rows)  # finite, near ln(256) = 5.5 after two steps
+
+
+def test_study_help_lists_every_registered_placement_and_norm(capsys):
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(p in out for p in PLACEMENTS) and all(n in out for n in NORMS)
 
 
 def test_bad_names_fail_before_any_run(tmp_path):

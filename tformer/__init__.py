@@ -4,6 +4,8 @@ Any registered norm (``NORMS``) goes in any registered placement (``PLACEMENTS``
 attention on any backend (``BACKENDS``); see ``BlockConfig``.
 """
 
+# Modules that register entries of the norm and placement registries (importing them registers them).
+from . import powernorm, stack_placements  # noqa: I001  (registration first)
 from . import analysis, data
 from .backends import BACKENDS
 from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
@@ -13,7 +15,7 @@ from .deepnorm import deepnorm_constants
 from .errors import CheckpointError, ConfigError, UnsupportedArgumentError
 from .feedforward import ACTIVATIONS
 from .init import INIT_SCHEMES
-from .interop import from_torch
+from .interop import UnsupportedLayerError, from_torch
 from .models import POSITIONS, EncoderDecoder, LanguageModel
 from .norms import NORMS, make_norm
 from .placements import PLACEMENTS, LayerContext, ResidualPlacement
@@ -44,6 +46,7 @@ __all__ = [
     "ResidualPlacement",
     "TransformerBlock",
     "UnsupportedArgumentError",
+    "UnsupportedLayerError",
     "deepnorm_constants",
     "from_torch",
     "hyper_connections",

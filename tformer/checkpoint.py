@@ -121,7 +121,8 @@ def model_description(model: nn.Module) -> dict:
         raise TypeError(f"tformer.save writes {', '.join(SAVEABLE)}; got {type(model).__name__}")
     if model.spec is None:
         raise CheckpointError(
-            f"this {name} was assembled from parts passed in (attn=, ffn=, ...), which a checkpoint cannot rebuild; "
+            f"this {name} has no spec a checkpoint can rebuild it from (it was assembled from parts passed in, "
+            f"attn=, ffn=, ..., or converted from a layer whose norms or dropouts differ from each other); "
             f"save its state_dict instead, or build it from a BlockConfig"
         )
     reason = _unsaveable_reason(model.spec)

@@ -247,8 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "cores. key=value arguments (given before the options) override the recipe config of every run.")
     study.add_argument("overrides", nargs="*", metavar="key=value", help="recipe config overrides for every run")
     study.add_argument("--out", default="runs/study", help="output directory (default: runs/study)")
-    study.add_argument("--placements", nargs="+", default=["pre", "post", "sandwich", "deepnorm"])
-    study.add_argument("--norms", nargs="+", default=["layernorm", "rmsnorm"])
+    from tformer import NORMS, PLACEMENTS
+
+    study.add_argument("--placements", nargs="+", default=["pre", "post", "sandwich", "deepnorm"],
+                       help=f"placements to compare (default: pre post sandwich deepnorm; any of: {' '.join(PLACEMENTS)})")
+    study.add_argument("--norms", nargs="+", default=["layernorm", "rmsnorm"],
+                       help=f"norms to compare (default: layernorm rmsnorm; any of: {' '.join(NORMS)})")
     study.add_argument("--warmup", type=int, default=100, help="warmup steps of the warmup arm (default: 100)")
     study.add_argument("--steps", type=int, default=300, help="training steps per run (default: 300)")
     study.add_argument("--target-loss", type=float, default=2.6, help="loss for 'steps to target' (default: 2.6)")

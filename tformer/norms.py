@@ -340,6 +340,3 @@ def custom_norm(factory: Callable[[int], nn.Module], d_model: int) -> nn.Module:
         )
     return norm if _takes_padding_mask(norm) else TokenwiseNorm(norm)
 
-
-# PowerNorm lives in its own module; importing it registers it.
-from . import powernorm as _powernorm  # noqa: E402,F401

@@ -259,6 +259,3 @@ def build_placement(spec, make_norm: NormFactory, layer: LayerContext, dropout: 
         )
     return placement
 
-
-# Stack-level placements (their streams carry state from layer to layer) live in their own module.
-from . import stack_placements as _stack_placements  # noqa: E402,F401
