@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import tformer
 from tformer import make_norm
 from tformer.powernorm import PowerNorm, group_scale
 
@@ -159,3 +160,27 @@ def test_group_scaling_is_applied_before_statistics():
 def test_bad_group_num():
     with pytest.raises(ValueError, match="group_num"):
         PowerNorm(10, group_num=3)
+
+
+def test_blocks_use_one_group_per_head_as_the_authors_models_do():
+    """The authors' models build MaskPowerNorm with group_num = n_heads (their NormSelect); standalone stays 1."""
+    assert make_norm("powernorm", 16).group_num == 1
+    cfg = tformer.BlockConfig(d_model=16, n_heads=4, d_ff=32, norm="powernorm", placement="sandwich")
+    groups = {m.group_num for m in tformer.EncoderBlock(cfg).modules() if isinstance(m, PowerNorm)}
+    assert groups == {4}
+    override = tformer.BlockConfig(d_model=16, n_heads=4, d_ff=32, norm="powernorm", norm_options={"group_num": 0})
+    assert {m.group_num for m in tformer.EncoderBlock(override).modules() if isinstance(m, PowerNorm)} == {0}
+
+
+def test_group_num_changes_the_output_as_group_scaling_says():
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    one, four = make_norm("powernorm", 16, group_num=1).double().eval(), make_norm("powernorm", 16, group_num=4).double().eval()
+    torch.testing.assert_close(four(x), group_scale(x, 4) / (1 + EPS) ** 0.5)  # eval, fresh running psi2 = 1
+    assert not torch.allclose(one(x), four(x))
+
+
+def test_powernorm_declares_its_traits():
+    from tformer.norms import norm_traits
+
+    traits = norm_traits("powernorm")
+    assert traits.uses_batch_statistics and traits.needs_padding_mask and not traits.exact_gradient
