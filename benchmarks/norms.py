@@ -30,7 +30,7 @@ from torch import nn
 
 import tformer
 from tformer import kernels
-from tformer.norms import RMSNormFunction
+from tformer.rmsnorm import RMSNormFunction
 
 
 class LayerNormRouteRMSNorm(nn.Module):

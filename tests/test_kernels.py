@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tformer import kernels
-from tformer.norms import RMSNormFunction, rms_norm
+from tformer.rmsnorm import RMSNormFunction, rms_norm
 
 needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
 

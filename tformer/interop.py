@@ -10,7 +10,7 @@ from .blocks import DecoderBlock, EncoderBlock
 from .config import BlockConfig
 from .errors import ConfigError
 from .norms import LayerNorm as _TformerLayerNorm
-from .norms import RMSNorm as _TformerRMSNorm
+from .rmsnorm import RMSNorm as _TformerRMSNorm
 from .norms import make_norm
 
 
