@@ -1,11 +1,105 @@
-"""Shared test helpers: CUDA skipping and a CPU reference for xformers' kernel."""
+"""Shared test helpers: the registered axes, CUDA skipping, and a CPU reference for xformers' kernel.
+
+Tests parametrize over the registries (``tformer.NORMS``, ``tformer.PLACEMENTS``, ``tformer.BACKENDS``,
+...) and read what an entry is from its declared traits, never from its name, so registering one
+class puts it through every test. The helpers here derive everything from the registries.
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import pytest
 import torch
 
-CPU_BACKENDS = ["math", "sdpa", "xformers"]  # xformers with its kernel swapped for the reference below
+import tformer
+from tformer.backends import resolve_backend
+from tformer.norms import norm_traits
+
+NORMS = list(tformer.NORMS)
+PLACEMENTS = list(tformer.PLACEMENTS)
+GRID = [(n, p) for n in NORMS for p in PLACEMENTS]
+
+
+def _dispatches_elsewhere(name: str) -> bool:
+    """A backend such as ``auto`` that picks another registered backend for the tensors it gets."""
+    return resolve_backend(name, torch.zeros(1, 1, 1, 1)) != name
+
+
+#: The backends that compute attention themselves: every registered one but dispatchers like ``auto``
+#: (tested separately as "resolves to one of these"). ``xformers`` runs on the CPU with its kernel
+#: swapped for the reference below (the ``xformers_reference`` fixture).
+CPU_BACKENDS = [name for name in tformer.BACKENDS if not _dispatches_elsewhere(name)]
+DISPATCHING_BACKENDS = [name for name in tformer.BACKENDS if _dispatches_elsewhere(name)]
+
+
+def quick_norm_options(norm: str, warmup_iters: int = 2) -> dict:
+    """``norm_options`` that end a norm's statistics warmup within a test's few calls, if it has one.
+
+    Read from the norm's constructor, so a new norm with a ``warmup_iters`` option gets it too. A norm
+    given as a class or callable rather than a registered name takes no ``norm_options``.
+    """
+    if not isinstance(norm, str):
+        return {}
+    params = inspect.signature(tformer.NORMS[norm]).parameters
+    return {"warmup_iters": warmup_iters} if "warmup_iters" in params else {}
+
+
+def causal_in_training(norm) -> bool:
+    """Whether a causal decoder using ``norm`` stays causal in training mode (no batch statistics)."""
+    return not norm_traits(norm).uses_batch_statistics
+
+
+@functools.cache
+def stack_depth(placement: str) -> int:
+    """The depth for stack tests of ``placement``: 2 layers (so a stack-level placement's stream goes from
+    block to block), or, for a depth-aware placement that picks different per-layer placements (Mix-LN),
+    the fewest layers (up to 8) at which its layers differ."""
+    cfg = tformer.BlockConfig(d_model=4, n_heads=1, d_ff=4, placement=placement)
+    for n in range(2, 9):
+        if len({type(block.ffn_residual) for block in tformer.Encoder(cfg, n).layers}) > 1:
+            return n
+    return 2
+
+
+def spread(combinations, values):
+    """Every combination with every one of ``values``: ``pytest.param(*combination, value)``.
+
+    In the default run each combination takes one value, rotating (with a shift every ``len(values)``
+    combinations, so that a grid's rows and columns both meet every value); the rest of the full product
+    is marked ``slow`` (``.ci/run`` runs it). ``test_matrix`` checks the coverage of the default run.
+    """
+    params = []
+    n = len(values)
+    for i, combination in enumerate(combinations):
+        combination = combination if isinstance(combination, tuple) else (combination,)
+        for j, value in enumerate(values):
+            marks = () if j == (i + i // n) % n else (pytest.mark.slow,)
+            params.append(pytest.param(*combination, value, marks=marks))
+    return params
+
+
+def covering_pairs(first, second):
+    """Pairs ``(a, b)`` that include every entry of ``first`` and of ``second`` at least once (the longer
+    list in order, the shorter one cycled): one fast test per entry of two axes."""
+    n = max(len(first), len(second))
+    return [(first[i % len(first)], second[i % len(second)]) for i in range(n)]
+
+
+def slow_except(combinations, fast):
+    """``combinations`` as pytest params, all but those in ``fast`` marked ``slow``."""
+    fast = set(fast)
+    return [pytest.param(*c, marks=() if c in fast else (pytest.mark.slow,)) for c in combinations]
+
+
+def perturb_(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Move every parameter off its symmetric init (ReZero's 0, norms' 1 and 0, hyper-connections' 0
+    dynamic weights) so that every path of a block carries signal and gradient."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

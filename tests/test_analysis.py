@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tformer
+from conftest import GRID, NORMS, PLACEMENTS, covering_pairs, quick_norm_options, slow_except, stack_depth
 from tformer import BlockConfig
+from tformer.analysis.reproductions import REPRODUCTIONS
 from tformer.analysis import (TrainingMonitor, attention_entropy, expected_gradient_scales, find_blocks,
                               gradient_scales)
 
@@ -210,6 +212,29 @@ def test_training_recipe_writes_monitor_rows_and_plots(tmp_path):
         assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("norm, placement", slow_except(GRID, covering_pairs(NORMS, PLACEMENTS)))
+def test_monitor_and_gradient_scales_for_every_norm_and_placement(norm, placement):
+    """Every norm and every placement (stack-level ones too) by default, the full product under slow:
+    the monitor and ``gradient_scales`` find every block and give finite rows for each layer."""
+    cfg = BlockConfig(d_model=16, n_heads=2, d_ff=32, norm=norm, placement=placement, attention="math",
+                      norm_options=quick_norm_options(norm))
+    depth = stack_depth(placement)
+    torch.manual_seed(0)
+    model = tformer.LanguageModel(cfg, depth, V, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with TrainingMonitor(model, optimizer, every=1) as monitor:
+        _train_steps(model, optimizer, 2)
+    metrics = {r["metric"] for r in monitor.rows}
+    assert {"grad_norm", "update_ratio", "residual_norm", "attention_entropy"} <= metrics
+    residual = [r for r in monitor.rows if r["metric"] == "residual_norm"]
+    assert sorted((r["step"], r["layer"]) for r in residual) == [(s, i) for s in (1, 2) for i in range(depth)]
+    for row in monitor.rows:
+        assert row["value"] is None and row["metric"] == "gns" or math.isfinite(row["value"]), row
+    rows = gradient_scales(model, torch.randint(0, V, (2, 8)), lm_loss)
+    assert {r["layer"] for r in rows} == set(range(depth))
+    assert all(math.isfinite(r["grad_norm"]) for r in rows)
+
+
 def test_find_blocks_order():
     s2s = tformer.EncoderDecoder(CFG, 2, 3, V)
     assert [(s, i) for s, i, _, _ in find_blocks(s2s)] == [("encoder", 0), ("encoder", 1), ("decoder", 0),
@@ -228,7 +253,7 @@ def test_lemma2_reproduction_quick(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["xiong-fig3", "xiong-depth", "xiong-lemma2", "deepnet-updates", "warmup"])
+@pytest.mark.parametrize("name", list(REPRODUCTIONS))
 def test_full_reproductions(tmp_path, name):
     """The reproduction commands at full settings (run by .ci/run through -m slow)."""
     from tformer.cli import main

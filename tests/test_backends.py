@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, DISPATCHING_BACKENDS
 from tformer import BACKENDS
 from tformer.backends import attention_mask, resolve_backend, xformers_attention
 
@@ -85,8 +85,8 @@ def test_fully_padded_rows_are_finite_and_cross_rows_zero(backend, xformers_refe
     assert cross_out[1].abs().sum() == 0
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
-def test_gradcheck(backend):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck(backend, xformers_reference):
     q, k, v = (t.requires_grad_() for t in qkv(2, 4, 4))
     pad = padding(2, 4, [4, 2])
 
@@ -143,6 +143,24 @@ def test_auto_is_sdpa_on_cpu():
     q, k, v = qkv(2, 3, 3)
     assert resolve_backend("auto", q) == "sdpa"
     torch.testing.assert_close(BACKENDS["auto"](q, k, v, causal=True), BACKENDS["sdpa"](q, k, v, causal=True))
+
+
+def test_every_backend_computes_or_dispatches():
+    """The CPU tests run every registered backend: each computes attention itself (CPU_BACKENDS) or
+    dispatches to one that does (DISPATCHING_BACKENDS, e.g. ``auto``)."""
+    assert set(CPU_BACKENDS) | set(DISPATCHING_BACKENDS) == set(BACKENDS)
+    assert {"math", "sdpa", "xformers"} <= set(CPU_BACKENDS) and "auto" in DISPATCHING_BACKENDS
+
+
+@pytest.mark.parametrize("backend", DISPATCHING_BACKENDS)
+def test_dispatching_backend_equals_the_backend_it_picks(backend):
+    q, k, v = qkv(3, 5, 5)
+    pad = padding(3, 5, [5, 3, 1])
+    chosen = resolve_backend(backend, q)
+    assert chosen in CPU_BACKENDS
+    for kwargs in (dict(causal=True), dict(q_padding_mask=pad, kv_padding_mask=pad), dict(kv_padding_mask=pad)):
+        torch.testing.assert_close(BACKENDS[backend](q, k, v, **kwargs), BACKENDS[chosen](q, k, v, **kwargs),
+                                   rtol=0, atol=0)
 
 
 def _kernels_run(fn):

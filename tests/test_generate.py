@@ -2,18 +2,21 @@ import pytest
 import torch
 
 import tformer
+from conftest import GRID, perturb_, quick_norm_options, spread, stack_depth
 from tformer import BlockConfig, LanguageModel
 from tformer.models import sample_next
 
 V = 31
 
 
-@pytest.mark.parametrize("placement", ["pre", "post", "sandwich", "deepnorm"])
-@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "powernorm"])
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
-def test_incremental_decoding_equals_full_recomputation(placement, norm, positions):
-    lm = LanguageModel(BlockConfig(d_model=16, n_heads=2, d_ff=32, norm=norm, placement=placement, qk_norm=True),
-                       3, V, 24, positions=positions).double().eval()
+@pytest.mark.parametrize("norm, placement, positions", spread(GRID, list(tformer.POSITIONS)))
+def test_incremental_decoding_equals_full_recomputation(norm, placement, positions):
+    """KV-cache decoding equals recomputing the whole prefix, for every norm x placement (stack-level ones
+    carry their stream through each step) with one position encoding each (rotating); x every one: slow."""
+    cfg = BlockConfig(d_model=16, n_heads=2, d_ff=32, norm=norm, placement=placement, qk_norm=True,
+                      norm_options=quick_norm_options(norm))
+    torch.manual_seed(0)
+    lm = perturb_(LanguageModel(cfg, stack_depth(placement), V, 24, positions=positions)).double().eval()
     tokens = torch.randint(0, V, (2, 12))
     full = lm(tokens)
     cache = lm.new_cache()

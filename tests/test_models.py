@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tformer
+from conftest import GRID, NORMS, PLACEMENTS, causal_in_training, quick_norm_options, stack_depth
 from tformer import BlockConfig, ConfigError, Decoder, Encoder, EncoderDecoder, LanguageModel
 
 V = 23
@@ -13,25 +14,30 @@ V = 23
 def cfg(**kw):
     base = dict(d_model=16, n_heads=2, d_ff=32)
     base.update(kw)
+    if isinstance(base.get("norm"), str):
+        base.setdefault("norm_options", quick_norm_options(base["norm"]))
     return BlockConfig(**base)
 
 
-@pytest.mark.parametrize("norm", list(tformer.NORMS))
-@pytest.mark.parametrize("placement", ["pre", "post", "sandwich", "deepnorm", "mixln"])
+@pytest.mark.parametrize("norm, placement", GRID)
 def test_language_model_is_causal(norm, placement):
-    lm = LanguageModel(cfg(norm=norm, placement=placement), 3, V, max_seq_len=16)
-    if norm == "powernorm":
-        lm.eval()  # training-mode batch statistics span positions (see test_blocks)
+    """Eval mode for every norm, and training mode too for norms without batch statistics (whose
+    training-mode statistics span positions by design, see test_blocks)."""
+    lm = LanguageModel(cfg(norm=norm, placement=placement), stack_depth(placement), V, max_seq_len=16)
     tokens = torch.randint(0, V, (2, 10))
     changed = tokens.clone()
     changed[:, 6:] = torch.randint(0, V, (2, 4))
-    logits = lm(tokens)
-    assert logits.shape == (2, 10, V)
-    torch.testing.assert_close(logits[:, :6], copy.deepcopy(lm)(changed)[:, :6])
+    for mode in ["train", "eval"] if causal_in_training(norm) else ["eval"]:
+        lm.train(mode == "train")
+        twin = copy.deepcopy(lm)
+        logits = lm(tokens)
+        assert logits.shape == (2, 10, V)
+        torch.testing.assert_close(logits[:, :6], twin(changed)[:, :6], msg=f"not causal in {mode} mode")
 
 
-def test_language_model_padding_invariance():
-    lm = LanguageModel(cfg(norm="powernorm", placement="sandwich", norm_options={"warmup_iters": 1}), 2, V, 16)
+@pytest.mark.parametrize("norm", NORMS)
+def test_language_model_padding_invariance(norm):
+    lm = LanguageModel(cfg(norm=norm, placement="sandwich"), 2, V, 16)
     tokens = torch.randint(0, V, (3, 8))
     pad = torch.zeros(3, 8, dtype=torch.bool)
     pad[0, 5:] = True
@@ -81,11 +87,16 @@ def test_embedding_scale_and_sinusoidal_positions():
     assert "positions.table" not in lm.state_dict()
 
 
-@pytest.mark.parametrize("placement, has_final", [("pre", True), ("sandwich", True), ("output", True),
-                                                   ("post", False), ("deepnorm", False), ("rezero", False)])
-def test_final_norm_by_placement(placement, has_final):
-    assert (Encoder(cfg(placement=placement), 2).final_norm is not None) == has_final
-    assert (Decoder(cfg(placement=placement), 2).final_norm is not None) == has_final
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_final_norm_follows_the_last_placement_unless_forced(placement):
+    """``final_norm=None`` adds the closing norm exactly where the last layer's placement declares
+    ``needs_final_norm`` (which placement needs one is checked in test_placements); True/False force it."""
+    for make in (lambda **kw: Encoder(cfg(placement=placement), 2, **kw),
+                 lambda **kw: Decoder(cfg(placement=placement), 2, cross_attention=False, **kw)):
+        stack = make()
+        assert (stack.final_norm is not None) == stack.layers[-1].needs_final_norm
+        assert make(final_norm=True).final_norm is not None
+        assert make(final_norm=False).final_norm is None
 
 
 def test_per_layer_placements_and_mixln():
@@ -100,13 +111,40 @@ def test_per_layer_placements_and_mixln():
         Encoder(cfg(), 1, placements=["bogus"])
 
 
-def test_stack_equals_its_blocks_in_sequence():
-    enc = Encoder(cfg(placement="pre"), 3).double()
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("final_norm", [None, True, False])
+def test_stack_equals_its_blocks_in_sequence(placement, final_norm):
+    """A stack is ``begin``, its blocks passing the stream on, and ``end`` with its final norm; for a
+    one-tensor placement the stream is the tensor itself, so that is a plain loop and the final norm."""
+    enc = Encoder(cfg(placement=placement), 3, final_norm=final_norm).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    h = x
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    stream = enc.layers[0].begin(x)
     for block in enc.layers:
-        h = block(h)
-    torch.testing.assert_close(enc(x), enc.final_norm(h))
+        stream = block(stream, padding_mask=pad)
+    torch.testing.assert_close(enc(x, padding_mask=pad), enc.layers[-1].end(stream, enc.final_norm, pad))
+    if enc.layers[0].stream == "tensor":
+        h = x
+        for block in enc.layers:
+            h = block(h, padding_mask=pad)
+        expected = h if enc.final_norm is None else enc.final_norm(h, pad)
+        torch.testing.assert_close(enc(x, padding_mask=pad), expected)
+
+
+@pytest.mark.parametrize("positions", list(tformer.POSITIONS))
+@pytest.mark.parametrize("init", list(tformer.INIT_SCHEMES))
+def test_every_position_encoding_and_init_scheme(positions, init):
+    """Each position encoding gives every position its own vector at the embedding (so the model can
+    tell positions apart), under each init scheme, whose embedding scale the embedding applies."""
+    lm = LanguageModel(cfg(init=init), 1, V, 12, positions=positions)
+    assert lm.embedding.scale == tformer.INIT_SCHEMES[init].embed_scale(16)
+    same = torch.full((1, 12), 3)
+    emb = lm.embedding(same)[0]
+    assert torch.isfinite(emb).all()
+    assert torch.cdist(emb, emb).add(torch.eye(12)).min() > 0  # all 12 rows distinct
+    torch.testing.assert_close(lm.embedding(same[:, 4:7], offset=4), emb[None, 4:7])
+    assert torch.isfinite(lm(same)).all()
 
 
 def test_bad_model_arguments():
@@ -120,15 +158,15 @@ def test_bad_model_arguments():
         LanguageModel(cfg(), 1, V, 8)(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("placement", ["pre", "post", "deepnorm", "sandwich"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_training_lowers_the_loss(placement):
     """A small LM learns a deterministic sequence: loss must fall well below its start."""
     torch.manual_seed(0)
-    lm = LanguageModel(cfg(d_model=32, n_heads=4, d_ff=64, placement=placement), 2, V, 16)
-    optimizer = torch.optim.Adam(lm.parameters(), lr=3e-3)
+    lm = LanguageModel(cfg(placement=placement), stack_depth(placement), V, 16)
+    optimizer = torch.optim.Adam(lm.parameters(), lr=1e-2)
     data = (torch.arange(16)[None, :] * 5 + torch.arange(8)[:, None]) % V
     losses = []
-    for _ in range(60):
+    for _ in range(25):
         logits = lm(data[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), data[:, 1:].reshape(-1))
         optimizer.zero_grad()

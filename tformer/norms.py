@@ -180,6 +180,11 @@ class TokenwiseNorm(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         return self.norm(x)
 
+    @property
+    def weight(self) -> Tensor | None:
+        """The wrapped norm's gain, where analysis looks for a norm's weight."""
+        return getattr(self.norm, "weight", None)
+
 
 def _takes_padding_mask(module: nn.Module) -> bool:
     try:

@@ -70,9 +70,9 @@ def parameter_groups(model: nn.Module) -> list[ParamGroup]:
             if isinstance(module, MultiHeadAttention):
                 groups += _attention_groups(stack, layer, sublayer, module)
             else:
-                for name in ("w1", "w3", "w2"):
-                    linear = getattr(module, name)
-                    if linear is not None:
+                for name in ("w1", "w3", "w2"):  # tformer's FeedForward; a custom sublayer has other names
+                    linear = getattr(module, name, None)
+                    if isinstance(linear, nn.Linear):
                         groups.append(ParamGroup(stack, layer, sublayer, f"{sublayer}.{name}", linear.weight))
             for norm_name, norm in placement.named_children():
                 weight = getattr(norm, "weight", None)
