@@ -87,6 +87,26 @@ class LayerNorm(NormTraits, nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+@NORMS.register("scalenorm")
+class ScaleNorm(NormTraits, nn.Module):
+    """ScaleNorm (Nguyen & Salazar 2019): ``g * x / max(||x||_2, eps)`` with one learnable scalar ``g``.
+
+    ``g`` starts at ``sqrt(d_model)``, so a fresh ScaleNorm maps every token to RMS 1 as LayerNorm
+    does. No bias (``bias`` is accepted for the uniform factory signature and ignored).
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.full((), d_model**0.5))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return x * (self.scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(self.eps))
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 @NORMS.register("dyt")
 class DyT(NormTraits, nn.Module):
     """Dynamic Tanh (Zhu et al. 2025), a norm-free stand-in: ``g * tanh(a * x) + b``.
