@@ -266,8 +266,7 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k={top_k} must be >= 1")
+        check_positive_int("top_k", top_k)
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

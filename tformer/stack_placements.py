@@ -29,6 +29,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from .config import check_positive_int
 from .placements import LayerContext, NormFactory, ResidualPlacement, Sublayer, register
 
 
@@ -174,8 +175,7 @@ def hyper_connections(n_streams: int = 4, dynamic: bool = True) -> type[HyperCon
     ``BlockConfig(placement=hyper_connections(2, dynamic=False))`` uses it in a model; the
     registered ``"hyper"`` is ``hyper_connections(4, dynamic=True)``.
     """
-    if isinstance(n_streams, bool) or not isinstance(n_streams, int) or n_streams < 1:
-        raise ValueError(f"n_streams={n_streams!r} must be a positive integer")
+    check_positive_int("n_streams", n_streams)
     return type(f"HyperConnections{n_streams}{'' if dynamic else 'Static'}", (HyperConnections,),
                 {"n_streams": n_streams, "dynamic": bool(dynamic), "stream": f"hyper{n_streams}",
                  "__module__": __name__})

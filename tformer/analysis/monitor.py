@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import MultiHeadAttention
+from ..config import check_positive_int
 from ..placements import stream_tensor
 from .scales import find_blocks, parameter_groups
 
@@ -54,8 +55,7 @@ class TrainingMonitor:
         max_entropy_queries: int = 128,
         start_step: int = 0,
     ):
-        if every < 1:
-            raise ValueError(f"every={every} must be >= 1")
+        check_positive_int("every", every)
         self.model, self.optimizer, self.every = model, optimizer, every
         self.path = None if path is None else Path(path)
         self.sink = sink
