@@ -102,6 +102,18 @@ def perturb_(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
     return module
 
 
+def padded_pair(d_model: int, seed: int = 1):
+    """``(x, pad, memory, memory_pad)``: float64 (3, 6, d) and (3, 5, d) inputs whose padding differs per row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, d_model, generator=g, dtype=torch.float64)
+    memory = torch.randn(3, 5, d_model, generator=g, dtype=torch.float64)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = pad[2, 2:] = True
+    memory_pad = torch.zeros(3, 5, dtype=torch.bool)
+    memory_pad[0, 3:] = memory_pad[2, 1:] = True
+    return x, pad, memory, memory_pad
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tformer
-from conftest import PLACEMENTS, perturb_
+from conftest import PLACEMENTS, padded_pair, perturb_
 from tformer import BlockConfig, CheckpointError, ConfigError, Decoder, DecoderBlock, Encoder, EncoderBlock, LayerContext
 
 D = 8
@@ -77,14 +77,7 @@ def config(norm, placement):
 
 
 def inputs():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 6, D, generator=g, dtype=torch.float64)
-    memory = torch.randn(3, 5, D, generator=g, dtype=torch.float64)
-    pad = torch.zeros(3, 6, dtype=torch.bool)
-    pad[1, 4:] = pad[2, 2:] = True
-    memory_pad = torch.zeros(3, 5, dtype=torch.bool)
-    memory_pad[0, 3:] = memory_pad[2, 1:] = True
-    return x, pad, memory, memory_pad
+    return padded_pair(D)
 
 
 def check_composed(model, call, custom_modules):

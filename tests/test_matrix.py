@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tformer
-from conftest import (CPU_BACKENDS, GRID, NORMS, PLACEMENTS, causal_in_training, covering_pairs, perturb_,
+from conftest import (CPU_BACKENDS, padded_pair, GRID, NORMS, PLACEMENTS, causal_in_training, covering_pairs, perturb_,
                       quick_norm_options, spread, stack_depth)
 from tformer import BlockConfig, Decoder, Encoder, EncoderDecoder
 from tformer.checkpoint import model_description
@@ -90,14 +90,7 @@ def _stacks(norm, placement):
 
 
 def _inputs():
-    g = torch.Generator().manual_seed(1)
-    src = torch.randn(3, 6, D, generator=g, dtype=torch.float64)
-    tgt = torch.randn(3, 5, D, generator=g, dtype=torch.float64)
-    src_pad = torch.zeros(3, 6, dtype=torch.bool)
-    src_pad[1, 4:] = src_pad[2, 2:] = True
-    tgt_pad = torch.zeros(3, 5, dtype=torch.bool)
-    tgt_pad[0, 3:] = tgt_pad[2, 1:] = True
-    return src, src_pad, tgt, tgt_pad
+    return padded_pair(D)  # (src, src_pad, tgt, tgt_pad)
 
 
 def _run(encoder, decoder, src, src_pad, tgt, tgt_pad):
