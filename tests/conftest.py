@@ -102,6 +102,15 @@ def perturb_(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
     return module
 
 
+#: Attention variants the matrix rotates over: BlockConfig fields, and whether blocks get rotary positions.
+ATTENTION_VARIANTS = {
+    "mha": ({}, False),
+    "gqa": ({"n_kv_heads": 1}, False),
+    "rope-qknorm-head": ({"qk_norm": "head"}, True),
+    "rope-gqa-qknorm-full": ({"n_kv_heads": 1, "qk_norm": "full"}, True),
+}
+
+
 def padded_pair(d_model: int, seed: int = 1):
     """``(x, pad, memory, memory_pad)``: float64 (3, 6, d) and (3, 5, d) inputs whose padding differs per row."""
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tformer
-from conftest import CPU_BACKENDS, GRID, PLACEMENTS, causal_in_training, perturb_, quick_norm_options, spread
+from conftest import ATTENTION_VARIANTS, CPU_BACKENDS, GRID, PLACEMENTS, causal_in_training, perturb_, quick_norm_options, spread
 from tformer import BlockConfig, DecoderBlock, EncoderBlock
 from tformer.norms import norm_traits
 
@@ -19,9 +19,9 @@ def config(norm, placement, attention="math", **kw):
                        attention=attention, norm_options=quick_norm_options(norm), **kw)
 
 
-def build(kind, cfg, seed=0):
+def build(kind, cfg, seed=0, rope=False):
     torch.manual_seed(seed)
-    block = EncoderBlock(cfg) if kind == "encoder" else DecoderBlock(cfg, cross_attention=True)
+    block = EncoderBlock(cfg, rope=rope) if kind == "encoder" else DecoderBlock(cfg, cross_attention=True, rope=rope)
     return perturb_(block).double()  # off the symmetric init (ReZero's 0, norms' 1/0): every path matters
 
 
@@ -43,13 +43,16 @@ def run(block, x, pad, memory, memory_pad):
     return block(x, padding_mask=pad)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("norm, placement", GRID)
-def test_backends_agree(norm, placement, kind, xformers_reference):
+@pytest.mark.parametrize("norm, placement, kind, variant", spread([(*c, k) for c in GRID for k in KINDS],
+                                                                  list(ATTENTION_VARIANTS)))
+def test_backends_agree(norm, placement, kind, variant, xformers_reference):
+    """Every backend gives the math backend's outputs, for every norm x placement x kind with one attention
+    variant each (MHA, GQA, rotary positions, both QK-norms; rotating), every variant under slow."""
+    fields, rope = ATTENTION_VARIANTS[variant]
     x, pad, memory, memory_pad = inputs()
     outputs = {}
     for backend in CPU_BACKENDS:
-        block = build(kind, config(norm, placement, backend))
+        block = build(kind, config(norm, placement, backend, **fields), rope=rope)
         outputs[backend] = run(block, x, pad, memory, memory_pad)
     for backend in CPU_BACKENDS[1:]:
         torch.testing.assert_close(outputs[backend][~pad], outputs["math"][~pad], rtol=0, atol=1e-10)

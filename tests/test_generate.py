@@ -2,19 +2,26 @@ import pytest
 import torch
 
 import tformer
-from conftest import GRID, perturb_, quick_norm_options, spread, stack_depth
+from conftest import ATTENTION_VARIANTS, GRID, perturb_, quick_norm_options, spread, stack_depth
 from tformer import BlockConfig, LanguageModel
 from tformer.models import sample_next
 
 V = 31
 
 
-@pytest.mark.parametrize("norm, placement, positions", spread(GRID, list(tformer.POSITIONS)))
-def test_incremental_decoding_equals_full_recomputation(norm, placement, positions):
+VARIANTS = [f"{positions}/{name}" for positions in tformer.POSITIONS for name in ATTENTION_VARIANTS]
+
+
+@pytest.mark.parametrize("norm, placement, variant", spread(GRID, VARIANTS))
+def test_incremental_decoding_equals_full_recomputation(norm, placement, variant):
     """KV-cache decoding equals recomputing the whole prefix, for every norm x placement (stack-level ones
-    carry their stream through each step) with one position encoding each (rotating); x every one: slow."""
-    cfg = BlockConfig(d_model=16, n_heads=2, d_ff=32, norm=norm, placement=placement, qk_norm=True,
-                      norm_options=quick_norm_options(norm))
+    carry their stream through each step) with one position encoding x attention variant each (rotating:
+    rotary positions, grouped-query attention whose cache holds only the KV heads, both QK-norms);
+    x every one: slow."""
+    positions, name = variant.split("/")
+    fields = ATTENTION_VARIANTS[name][0]
+    cfg = BlockConfig(d_model=16, n_heads=2, d_ff=32, norm=norm, placement=placement,
+                      norm_options=quick_norm_options(norm), **{"qk_norm": True, **fields})
     torch.manual_seed(0)
     lm = perturb_(LanguageModel(cfg, stack_depth(placement), V, 24, positions=positions)).double().eval()
     tokens = torch.randint(0, V, (2, 12))
@@ -24,6 +31,7 @@ def test_incremental_decoding_equals_full_recomputation(norm, placement, positio
     for t in range(5, 12):
         pieces.append(lm(tokens[:, t : t + 1], cache=cache))
     assert cache.length == 12
+    assert cache.layers[0].k.shape[2] == cfg.kv_heads  # the cache stores only the key/value heads
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
 
 

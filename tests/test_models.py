@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tformer
+from tformer.embeddings import is_rotary
 from conftest import GRID, NORMS, PLACEMENTS, causal_in_training, quick_norm_options, stack_depth
 from tformer import BlockConfig, ConfigError, Decoder, Encoder, EncoderDecoder, LanguageModel
 
@@ -142,7 +143,10 @@ def test_every_position_encoding_and_init_scheme(positions, init):
     same = torch.full((1, 12), 3)
     emb = lm.embedding(same)[0]
     assert torch.isfinite(emb).all()
-    assert torch.cdist(emb, emb).add(torch.eye(12)).min() > 0  # all 12 rows distinct
+    if is_rotary(positions):  # rotary positions work inside attention (tests/test_rotary.py): nothing added here
+        torch.testing.assert_close(emb, emb[:1].expand_as(emb))
+    else:
+        assert torch.cdist(emb, emb).add(torch.eye(12)).min() > 0  # all 12 rows distinct
     torch.testing.assert_close(lm.embedding(same[:, 4:7], offset=4), emb[None, 4:7])
     assert torch.isfinite(lm(same)).all()
 
@@ -174,3 +178,24 @@ def test_training_lowers_the_loss(placement):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_encoder_model_is_embeddings_then_the_encoder():
+    """BERT's shape: token + position + token-type embeddings, a norm, then the encoder; padding ignored."""
+    torch.manual_seed(0)
+    model = tformer.EncoderModel(cfg(placement="post"), 2, V, 12, n_token_types=2, embed_norm=True).eval()
+    tokens = torch.randint(0, V, (2, 7))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    e = model.embedding
+    x = e.tokens(tokens) * e.scale + e.positions(7) + e.token_types(types)
+    expected = model.encoder(e.norm(x), padding_mask=pad)
+    out = model(tokens, padding_mask=pad, token_type_ids=types)
+    torch.testing.assert_close(out, expected)
+    other = tokens.clone()
+    other[1, 5:] = 0
+    torch.testing.assert_close(model(other, padding_mask=pad, token_type_ids=types)[~pad], out[~pad])
+    assert not torch.allclose(model(tokens, padding_mask=pad)[~pad], out[~pad])  # token types matter
+    with pytest.raises(ValueError, match="n_token_types=0"):
+        tformer.EncoderModel(cfg(), 1, V, 12)(tokens, token_type_ids=types)

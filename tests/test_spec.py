@@ -14,7 +14,8 @@ CFG = tformer.BlockConfig(d_model=8, n_heads=2, d_ff=16, norm="rmsnorm", placeme
 BUILT = {
     "LanguageModel": lambda: tformer.LanguageModel(CFG, 2, 30, 10, placements=["post", "pre"]),
     "EncoderDecoder": lambda: tformer.EncoderDecoder(CFG, 1, 2, 30, max_seq_len=10, decoder_placements=["pre", "post"]),
-    "Encoder": lambda: tformer.Encoder(CFG, 2, final_norm=False, n_decoder_layers=3),
+    "EncoderModel": lambda: tformer.EncoderModel(CFG, 2, 30, 10, n_token_types=2, embed_norm=True, final_norm=False),
+    "Encoder": lambda: tformer.Encoder(CFG, 2, final_norm=False, n_decoder_layers=3, rope=True),
     "Decoder": lambda: tformer.Decoder(CFG, 2, cross_attention=False, causal=False, final_norm=True),
     "EncoderBlock": lambda: tformer.EncoderBlock(CFG, layer=tformer.LayerContext("encoder", 1, 3)),
     "DecoderBlock": lambda: tformer.DecoderBlock(CFG, False, causal=False),

@@ -16,7 +16,8 @@ from .errors import CheckpointError, ConfigError, UnsupportedArgumentError
 from .feedforward import ACTIVATIONS
 from .init import INIT_SCHEMES
 from .interop import UnsupportedLayerError, from_torch
-from .models import POSITIONS, EncoderDecoder, LanguageModel
+from .embeddings import POSITIONS
+from .models import EncoderDecoder, EncoderModel, LanguageModel
 from .norms import NORMS, make_norm
 from .placements import PLACEMENTS, LayerContext, ResidualPlacement
 from .stack_placements import hyper_connections
@@ -41,6 +42,7 @@ __all__ = [
     "Encoder",
     "EncoderBlock",
     "EncoderDecoder",
+    "EncoderModel",
     "LanguageModel",
     "LayerContext",
     "ResidualPlacement",

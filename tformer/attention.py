@@ -11,13 +11,14 @@ from torch import Tensor, nn
 from .backends import BACKENDS, attention_mask
 from .errors import ConfigError
 from .init import INIT_SCHEMES, BranchInit, zero_bias_
+from .rotary import apply_rotary
 
 if TYPE_CHECKING:
     from .config import BlockConfig
 
 
 class LayerKV:
-    """Keys and values one self-attention layer has seen so far, ``(batch, seq, heads, head_dim)``."""
+    """Keys and values one self-attention layer has seen so far, ``(batch, seq, kv_heads, head_dim)``."""
 
     def __init__(self):
         self.k: Tensor | None = None
@@ -50,11 +51,18 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention, batch-first ``(batch, seq, d_model) -> (batch, seq, d_model)``.
 
     Self-attention projects queries, keys and values with one fused ``qkv`` matrix (rows
-    ``[q; k; v]``, the layout of ``nn.MultiheadAttention.in_proj_weight``); cross-attention has
-    ``q`` for the queries and a fused ``kv`` for the memory. ``out`` projects back. With
-    ``qk_norm`` queries and keys are RMS-normalized per head before the dot product (QK-norm as
-    in Gemma 3). ``dropout`` drops attention probabilities in training. ``backend`` names an
-    attention kernel of ``tformer.BACKENDS``; ``init`` a scheme of ``tformer.INIT_SCHEMES``.
+    ``[q; k; v]``, the layout of ``nn.MultiheadAttention.in_proj_weight``; with ``n_kv_heads <
+    n_heads`` the k and v blocks have ``n_kv_heads * head_dim`` rows each); cross-attention has
+    ``q`` for the queries and a fused ``kv`` for the memory. ``out`` projects back.
+
+    * ``n_kv_heads``: grouped-query attention (each key/value head serves ``n_heads / n_kv_heads``
+      query heads; 1 is multi-query attention); a KV cache stores only the key/value heads.
+    * ``qk_norm``: ``"head"`` RMS-normalizes queries and keys per head (Gemma 3, Qwen 3), ``"full"``
+      over the whole q / k projection before the head split (OLMo 2); always before rotary positions.
+    * ``rope_base``: rotary positions (``tformer.rotary``) on queries and keys of self-attention, at
+      the positions after what a KV cache holds; ``None``: no rotary positions.
+    * ``dropout`` drops attention probabilities in training; ``backend`` names an attention kernel
+      of ``tformer.BACKENDS``; ``init`` a scheme of ``tformer.INIT_SCHEMES``.
 
     The call signature blocks rely on (and a drop-in replacement must accept):
     ``attn(x, padding_mask=...)`` for self-attention, ``attn(x, memory=..., memory_padding_mask=...)``
@@ -66,48 +74,68 @@ class MultiHeadAttention(nn.Module):
         d_model: int,
         n_heads: int,
         *,
+        n_kv_heads: int | None = None,
         causal: bool = False,
         cross: bool = False,
         bias: bool = True,
         dropout: float = 0.0,
         backend: str = "auto",
-        qk_norm: bool = False,
+        qk_norm: bool | str = False,
         norm_eps: float = 1e-5,
+        rope_base: float | None = None,
         init: str = "xavier",
     ):
         super().__init__()
         if d_model % n_heads:
             raise ConfigError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads % n_kv_heads:
+            raise ConfigError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        qk_norm = "head" if qk_norm is True else qk_norm
+        if qk_norm not in (False, "head", "full"):
+            raise ConfigError(f"qk_norm={qk_norm!r}; valid choices: False, 'head' (True), 'full'")
         d = self.d_model = d_model
-        self.n_heads, self.head_dim = n_heads, d // n_heads
-        self.causal, self.cross = causal, cross
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        if rope_base is not None and (cross or self.head_dim % 2):
+            raise ConfigError("rotary positions need self-attention with an even head_dim, "
+                              f"got {'cross-attention' if cross else f'head_dim={self.head_dim}'}")
+        self.causal, self.cross, self.rope_base = causal, cross, rope_base
         self.backend_name = backend
         self.backend = BACKENDS[backend]
         self.attn_dropout = dropout
         INIT_SCHEMES.get_or_raise(init)
         self.init_scheme = init
+        kv = n_kv_heads * self.head_dim
         if cross:
             self.q = nn.Linear(d, d, bias=bias)
-            self.kv = nn.Linear(d, 2 * d, bias=bias)
+            self.kv = nn.Linear(d, 2 * kv, bias=bias)
         else:
-            self.qkv = nn.Linear(d, 3 * d, bias=bias)
+            self.qkv = nn.Linear(d, d + 2 * kv, bias=bias)
         self.out = nn.Linear(d, d, bias=bias)
+        self.qk_norm = qk_norm
         if qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
+            q_size, k_size = (self.head_dim, self.head_dim) if qk_norm == "head" else (d, kv)
+            self.q_norm = nn.RMSNorm(q_size, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(k_size, eps=norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
     @classmethod
-    def from_config(cls, cfg: BlockConfig, *, causal: bool = False, cross: bool = False) -> MultiHeadAttention:
-        """The attention a ``BlockConfig`` describes."""
-        return cls(cfg.d_model, cfg.n_heads, causal=causal, cross=cross, bias=cfg.use_attn_bias,
-                   dropout=cfg.attn_dropout, backend=cfg.attention, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                   init=cfg.init)
+    def from_config(cls, cfg: BlockConfig, *, causal: bool = False, cross: bool = False,
+                    rope: bool = False) -> MultiHeadAttention:
+        """The attention a ``BlockConfig`` describes (``rope``: rotary positions at ``cfg.rope_base``)."""
+        return cls(cfg.d_model, cfg.n_heads, n_kv_heads=cfg.n_kv_heads, causal=causal, cross=cross,
+                   bias=cfg.use_attn_bias, dropout=cfg.attn_dropout, backend=cfg.attention, qk_norm=cfg.qk_norm,
+                   norm_eps=cfg.norm_eps, rope_base=cfg.rope_base if rope else None, init=cfg.init)
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
 
     def _project(self, x: Tensor, memory: Tensor | None, padding_mask: Tensor | None,
-                 memory_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Queries, keys, values ``(batch, len, heads, head_dim)`` and the query / key padding masks."""
+                 memory_padding_mask: Tensor | None, offset: int = 0):
+        """Queries ``(batch, len, heads, head_dim)``, keys and values ``(batch, kv_len, kv_heads, head_dim)``
+        (QK-norm and rotary positions applied) and the query / key padding masks."""
         if self.cross:
             if memory is None:
                 raise ValueError("cross-attention needs `memory` (the encoder output), got None")
@@ -115,12 +143,22 @@ class MultiHeadAttention(nn.Module):
             k, v = self.kv(memory).chunk(2, dim=-1)
             q_padding_mask, kv_padding_mask = None, memory_padding_mask
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q, k, v = self.qkv(x).split([self.d_model, self.kv_size, self.kv_size], dim=-1)
             q_padding_mask = kv_padding_mask = padding_mask
-        q, k, v = (rearrange(t, "b s (h d) -> b s h d", h=self.n_heads) for t in (q, k, v))
-        if self.q_norm is not None:
+        if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        q = rearrange(q, "b s (h d) -> b s h d", h=self.n_heads)
+        k, v = (rearrange(t, "b s (h d) -> b s h d", h=self.n_kv_heads) for t in (k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_base is not None:
+            q, k = apply_rotary(q, offset, self.rope_base), apply_rotary(k, offset, self.rope_base)
         return q, k, v, q_padding_mask, kv_padding_mask
+
+    def _expand_kv(self, t: Tensor) -> Tensor:
+        """Key/value heads repeated for the query heads they serve (grouped-query attention)."""
+        groups = self.n_heads // self.n_kv_heads
+        return t if groups == 1 else t.repeat_interleave(groups, dim=2)
 
     def forward(
         self,
@@ -136,13 +174,14 @@ class MultiHeadAttention(nn.Module):
         With a ``cache`` (self-attention only) the keys and values of ``x`` are appended to it and
         the queries attend to everything cached, causally aligned to the end.
         """
-        q, k, v, q_padding_mask, kv_padding_mask = self._project(x, memory, padding_mask, memory_padding_mask)
+        if cache is not None and (self.cross or padding_mask is not None):
+            raise ValueError("a KV cache works for self-attention without a padding mask")
+        offset = 0 if cache is None else cache.length
+        q, k, v, q_padding_mask, kv_padding_mask = self._project(x, memory, padding_mask, memory_padding_mask, offset)
         if cache is not None:
-            if self.cross or padding_mask is not None:
-                raise ValueError("a KV cache works for self-attention without a padding mask")
             k, v = cache.update(k, v)
         out = self.backend(
-            q, k, v,
+            q, self._expand_kv(k), self._expand_kv(v),
             causal=self.causal,
             q_padding_mask=q_padding_mask,
             kv_padding_mask=kv_padding_mask,
@@ -165,6 +204,7 @@ class MultiHeadAttention(nn.Module):
         analysis (the monitor's attention entropy), O(S^2) memory.
         """
         q, k, _, _, kv_padding_mask = self._project(x, memory, padding_mask, memory_padding_mask)
+        k = self._expand_kv(k)
         q_len, kv_len = q.shape[1], k.shape[1]
         mask, is_causal = attention_mask(q_len, kv_len, causal=self.causal, kv_padding_mask=kv_padding_mask,
                                          device=q.device)
@@ -177,18 +217,21 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "cross" if self.cross else ("causal self" if self.causal else "self")
-        return f"{kind}-attention, heads={self.n_heads}, head_dim={self.head_dim}, backend={self.backend_name!r}"
+        extra = "" if self.n_kv_heads == self.n_heads else f", kv_heads={self.n_kv_heads}"
+        extra += f", qk_norm={self.qk_norm!r}" if self.qk_norm else ""
+        extra += f", rope_base={self.rope_base:g}" if self.rope_base is not None else ""
+        return f"{kind}-attention, heads={self.n_heads}, head_dim={self.head_dim}{extra}, backend={self.backend_name!r}"
 
     def reset_parameters(self, branch: BranchInit = BranchInit()) -> None:
         """Query/key weights get gain 1; value and output weights the placement's branch gain."""
         scheme = INIT_SCHEMES[self.init_scheme]
-        d = self.n_heads * self.head_dim
         if self.cross:
             scheme.linear_(self.q.weight, 1.0, branch.normal)
-            scheme.blocks_(self.kv.weight, d, [1.0, branch.gain], branch.normal)
+            scheme.blocks_(self.kv.weight, [self.kv_size] * 2, [1.0, branch.gain], branch.normal)
             projections = (self.q, self.kv, self.out)
         else:
-            scheme.blocks_(self.qkv.weight, d, [1.0, 1.0, branch.gain], branch.normal)
+            sizes = [self.d_model, self.kv_size, self.kv_size]
+            scheme.blocks_(self.qkv.weight, sizes, [1.0, 1.0, branch.gain], branch.normal)
             projections = (self.qkv, self.out)
         scheme.linear_(self.out.weight, branch.gain, branch.normal)
         for linear in projections:

@@ -177,6 +177,7 @@ class TransformerBlock(nn.Module):
 class EncoderBlockSpec(Spec):
     cfg: BlockConfig
     layer: LayerContext | None = None
+    rope: bool = False
 
 
 class EncoderBlock(TransformerBlock):
@@ -184,7 +185,8 @@ class EncoderBlock(TransformerBlock):
 
     ``forward(x, padding_mask=None)``: ``x`` (batch, seq, d_model), ``padding_mask`` (batch, seq)
     bool, True at padding; returns (batch, seq, d_model). ``layer`` places the block in a stack
-    (depth-aware placements read it); on its own it is layer 0 of a one-layer encoder. Any of
+    (depth-aware placements read it); on its own it is layer 0 of a one-layer encoder. ``rope``:
+    rotary positions (at ``cfg.rope_base``) in self-attention. Any of
     ``attn``, ``ffn``, ``attn_residual``, ``ffn_residual`` passed in replaces the part ``cfg``
     would build (see the module docstring for their call signatures).
     """
@@ -200,17 +202,18 @@ class EncoderBlock(TransformerBlock):
         attn_residual: ResidualPlacement | None = None,
         ffn_residual: ResidualPlacement | None = None,
         layer: LayerContext | None = None,
+        rope: bool = False,
     ):
         super().__init__()
         layer = layer or LayerContext("encoder")
         given = dict(attn=attn, attn_residual=attn_residual, ffn=ffn, ffn_residual=ffn_residual)
         self._assemble(cfg, layer, {
-            "attn": lambda: MultiHeadAttention.from_config(cfg),
+            "attn": lambda: MultiHeadAttention.from_config(cfg, rope=rope),
             "attn_residual": self._placement,
             "ffn": lambda: FeedForward.from_config(cfg),
             "ffn_residual": self._placement,
         }, given)
-        self.spec = EncoderBlockSpec(cfg, layer) if not any(v is not None for v in given.values()) else None
+        self.spec = EncoderBlockSpec(cfg, layer, rope) if not any(v is not None for v in given.values()) else None
 
     @classmethod
     def from_spec(cls, spec: EncoderBlockSpec) -> EncoderBlock:
@@ -230,6 +233,7 @@ class DecoderBlockSpec(Spec):
     cross_attention: bool = True
     causal: bool = True
     layer: LayerContext | None = None
+    rope: bool = False
 
 
 class DecoderBlock(TransformerBlock):
@@ -238,7 +242,8 @@ class DecoderBlock(TransformerBlock):
     ``forward(x, padding_mask=None, memory=None, memory_padding_mask=None, cache=None)``: ``x``
     (batch, seq, d_model); ``memory`` (batch, mem_seq, d_model) is required with
     ``cross_attention=True``; ``cache`` (a ``LayerKV``) makes self-attention incremental.
-    ``attn``, ``cross_attn``, ``ffn`` and their ``*_residual`` placements may be passed in.
+    ``rope``: rotary positions in self-attention. ``attn``, ``cross_attn``, ``ffn`` and their
+    ``*_residual`` placements may be passed in.
     """
 
     def __init__(
@@ -254,6 +259,7 @@ class DecoderBlock(TransformerBlock):
         cross_attn_residual: ResidualPlacement | None = None,
         ffn_residual: ResidualPlacement | None = None,
         layer: LayerContext | None = None,
+        rope: bool = False,
     ):
         super().__init__()
         for name, value in (("cross_attention", cross_attention), ("causal", causal)):
@@ -267,7 +273,8 @@ class DecoderBlock(TransformerBlock):
         self.causal = causal
         self.sublayer_names = ("attn", "cross_attn", "ffn") if cross_attention else ("attn", "ffn")
         given = dict(attn=attn, attn_residual=attn_residual, ffn=ffn, ffn_residual=ffn_residual)
-        built = {"attn": lambda: MultiHeadAttention.from_config(cfg, causal=causal), "attn_residual": self._placement}
+        built = {"attn": lambda: MultiHeadAttention.from_config(cfg, causal=causal, rope=rope),
+                 "attn_residual": self._placement}
         if cross_attention:
             given.update(cross_attn=cross_attn, cross_attn_residual=cross_attn_residual)
             built.update(cross_attn=lambda: MultiHeadAttention.from_config(cfg, cross=True),
@@ -275,7 +282,7 @@ class DecoderBlock(TransformerBlock):
         built.update(ffn=lambda: FeedForward.from_config(cfg), ffn_residual=self._placement)
         self._assemble(cfg, layer, built, given)
         custom = any(v is not None for v in given.values())
-        self.spec = None if custom else DecoderBlockSpec(cfg, cross_attention, causal, layer)
+        self.spec = None if custom else DecoderBlockSpec(cfg, cross_attention, causal, layer, rope)
 
     @classmethod
     def from_spec(cls, spec: DecoderBlockSpec) -> DecoderBlock:

@@ -24,7 +24,8 @@ from torch import nn
 from .blocks import DecoderBlock, DecoderBlockSpec, EncoderBlock, EncoderBlockSpec
 from .config import BlockConfig
 from .errors import CheckpointError, ConfigError
-from .models import EncoderDecoder, EncoderDecoderSpec, LanguageModel, LanguageModelSpec
+from .models import (EncoderDecoder, EncoderDecoderSpec, EncoderModel, EncoderModelSpec, LanguageModel,
+                     LanguageModelSpec)
 from .norms import NORMS
 from .placements import PLACEMENTS, LayerContext
 from .stacks import Decoder, DecoderSpec, Encoder, EncoderSpec
@@ -35,11 +36,13 @@ SUPPORTED_VERSIONS = ("1", FORMAT_VERSION)
 
 #: The classes ``save`` can write and ``load`` can rebuild, by name.
 SAVEABLE: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (LanguageModel, EncoderDecoder, Encoder, Decoder, EncoderBlock, DecoderBlock)
+    cls.__name__: cls for cls in (LanguageModel, EncoderModel, EncoderDecoder, Encoder, Decoder, EncoderBlock,
+                                 DecoderBlock)
 }
 #: Each saveable class's spec (its constructor arguments as a frozen dataclass).
-SPECS = {"LanguageModel": LanguageModelSpec, "EncoderDecoder": EncoderDecoderSpec, "Encoder": EncoderSpec,
-         "Decoder": DecoderSpec, "EncoderBlock": EncoderBlockSpec, "DecoderBlock": DecoderBlockSpec}
+SPECS = {"LanguageModel": LanguageModelSpec, "EncoderModel": EncoderModelSpec, "EncoderDecoder": EncoderDecoderSpec,
+         "Encoder": EncoderSpec, "Decoder": DecoderSpec, "EncoderBlock": EncoderBlockSpec,
+         "DecoderBlock": DecoderBlockSpec}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

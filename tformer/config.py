@@ -17,6 +17,9 @@ from .init import INIT_SCHEMES
 from .norms import NORMS, NormFactory, check_norm_options, custom_norm, make_norm
 from .placements import PLACEMENTS
 
+#: ``qk_norm`` values: off, per head, across the full projection.
+QK_NORMS = (False, "head", "full")
+
 #: ``norm="deepnorm"`` is shorthand for LayerNorm in the DeepNorm placement; only ``BlockConfig`` reads it.
 DEEPNORM_SHORTHAND = "deepnorm"
 
@@ -43,7 +46,14 @@ class BlockConfig:
     * ``bias`` sets the three switches ``norm_bias``, ``attn_bias`` and ``ffn_bias`` that are left
       at ``None`` (e.g. ``bias=False, ffn_bias=True``: bias-free norms and attention, biased
       feed-forward); ``use_norm_bias`` etc. give the resolved values.
-    * ``qk_norm``: RMS-normalize queries and keys per head before the dot product.
+    * ``n_kv_heads``: grouped-query attention (Ainslie et al. 2023): that many key/value heads, each
+      shared by ``n_heads / n_kv_heads`` query heads (1: multi-query attention); ``None`` = ``n_heads``.
+      A KV cache stores only the key/value heads.
+    * ``qk_norm``: RMS-normalize queries and keys before the dot product: ``"head"`` (or ``True``)
+      per head over ``head_dim`` (Gemma 3, Qwen 3), ``"full"`` over the whole projection before
+      the head split (OLMo 2). Both come before rotary positions, as in those models.
+    * ``rope_base``: the base of rotary position frequencies, used where the model's positions
+      are ``"rope"``.
     * ``init``: the weight initialization scheme (``"xavier"`` or ``"gpt2"``, see ``tformer.init``).
     * ``norm_options``: extra keyword arguments for a registered norm, e.g. ``{"warmup_iters": 100}``
       for PowerNorm or ``{"alpha_init": 0.5}`` for DyT; they override the norm's block defaults
@@ -64,9 +74,11 @@ class BlockConfig:
     ffn_bias: bool | None = None
     norm_eps: float = 1e-5
     attention: str = "auto"
-    qk_norm: bool = False
+    qk_norm: bool | str = False
     init: str = "xavier"
     norm_options: dict = field(default_factory=dict)
+    n_kv_heads: int | None = None
+    rope_base: float = 10000.0
 
     def __post_init__(self):
         for name in ("d_model", "n_heads", "d_ff"):
@@ -88,9 +100,21 @@ class BlockConfig:
                 raise ConfigError(f"{name}={value!r} must be a probability in [0, 1)")
         if not _is_real(self.norm_eps) or not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
             raise ConfigError(f"norm_eps={self.norm_eps!r} must be a finite number > 0")
-        for name in ("bias", "qk_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias={self.bias!r} must be True or False")
+        if self.qk_norm is True:
+            object.__setattr__(self, "qk_norm", "head")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"qk_norm={self.qk_norm!r}; valid choices: False, 'head' (True), 'full'")
+        if self.n_kv_heads is not None:
+            check_positive_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise ConfigError(
+                    f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}; e.g. "
+                    f"{[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}"
+                )
+        if not _is_real(self.rope_base) or not (self.rope_base > 1 and math.isfinite(self.rope_base)):
+            raise ConfigError(f"rope_base={self.rope_base!r} must be a finite number > 1")
         for name in ("norm_bias", "attn_bias", "ffn_bias"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True, False or None (None: follow bias)")
@@ -121,6 +145,11 @@ class BlockConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads (``n_kv_heads`` resolved)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def use_norm_bias(self) -> bool:

@@ -49,8 +49,9 @@ class InitScheme:
         raise NotImplementedError
 
     @torch.no_grad()
-    def blocks_(self, weight: Tensor, block_rows: int, gains: list[float], normal: bool = False) -> None:
-        """Initialize a fused weight as independent ``(block_rows, in)`` blocks with their own gains."""
+    def blocks_(self, weight: Tensor, block_rows: int | list[int], gains: list[float], normal: bool = False) -> None:
+        """Initialize a fused weight as independent row blocks (``block_rows`` each, or the listed sizes)
+        with their own gains."""
         for block, gain in zip(weight.split(block_rows, dim=0), gains, strict=True):
             self.linear_(block, gain, normal)
 

@@ -1,8 +1,8 @@
-"""Models on top of the stacks: a decoder-only ``LanguageModel`` and a seq2seq ``EncoderDecoder``."""
+"""Models on top of the stacks: a decoder-only ``LanguageModel``, an encoder-only ``EncoderModel`` and a
+seq2seq ``EncoderDecoder``."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,71 +11,10 @@ from torch import Tensor, nn
 
 from .attention import KVCache
 from .config import BlockConfig, check_positive_int
+from .embeddings import Embedding, is_rotary
 from .init import INIT_SCHEMES
-from .registry import Registry
 from .spec import Spec
 from .stacks import Decoder, Encoder
-
-POSITIONS: Registry[type[nn.Module]] = Registry("position encoding", field="positions")
-
-
-@POSITIONS.register("learned")
-class LearnedPositions(nn.Module):
-    """A learned ``(max_seq_len, d_model)`` table of absolute positions."""
-
-    def __init__(self, max_seq_len: int, d_model: int, init: str):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(max_seq_len, d_model))
-        INIT_SCHEMES[init].embedding_(self.weight)
-
-    def forward(self, seq_len: int, offset: int = 0) -> Tensor:
-        return self.weight[offset : offset + seq_len]
-
-
-@POSITIONS.register("sinusoidal")
-class SinusoidalPositions(nn.Module):
-    """Fixed sine/cosine positions (Vaswani et al. 2017), not a parameter and not saved."""
-
-    def __init__(self, max_seq_len: int, d_model: int, init: str):
-        super().__init__()
-        position = torch.arange(max_seq_len, dtype=torch.float32)[:, None]
-        frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-        table = torch.zeros(max_seq_len, d_model)
-        table[:, 0::2] = torch.sin(position * frequency)
-        table[:, 1::2] = torch.cos(position * frequency)[:, : d_model // 2]
-        self.register_buffer("table", table, persistent=False)
-
-    def forward(self, seq_len: int, offset: int = 0) -> Tensor:
-        return self.table[offset : offset + seq_len]
-
-
-class Embedding(nn.Module):
-    """Token embedding times the init scheme's scale (sqrt(d_model) for Xavier), plus positions, then dropout.
-
-    ``(batch, seq)`` token ids -> ``(batch, seq, d_model)``.
-    """
-
-    def __init__(self, cfg: BlockConfig, vocab_size: int, max_seq_len: int, positions: str):
-        super().__init__()
-        check_positive_int("vocab_size", vocab_size)
-        check_positive_int("max_seq_len", max_seq_len)
-        scheme = INIT_SCHEMES[cfg.init]
-        self.max_seq_len = max_seq_len
-        self.tokens = nn.Embedding(vocab_size, cfg.d_model)
-        scheme.embedding_(self.tokens.weight)
-        self.scale = scheme.embed_scale(cfg.d_model)
-        self.positions = POSITIONS.get_or_raise(positions)(max_seq_len, cfg.d_model, cfg.init)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, seq) token ids, got shape {tuple(tokens.shape)}")
-        seq_len = tokens.shape[1]
-        if offset + seq_len > self.max_seq_len:
-            raise ValueError(f"sequence of length {offset + seq_len} exceeds max_seq_len={self.max_seq_len}")
-        x = self.tokens(tokens) * self.scale + self.positions(seq_len, offset)
-        return self.dropout(x)
-
 
 @dataclass(frozen=True)
 class LanguageModelSpec(Spec):
@@ -113,7 +52,7 @@ class LanguageModel(nn.Module):
         self.spec = LanguageModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, tie_embeddings,
                                       None if placements is None else tuple(placements))
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
-        self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements)
+        self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements, rope=is_rotary(positions))
         self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings)
 
     @classmethod
@@ -167,6 +106,60 @@ class LanguageModel(nn.Module):
 
 
 @dataclass(frozen=True)
+class EncoderModelSpec(Spec):
+    cfg: BlockConfig
+    n_layers: int
+    vocab_size: int
+    max_seq_len: int
+    positions: str = "learned"
+    n_token_types: int = 0
+    embed_norm: bool = False
+    placements: tuple | None = None
+    final_norm: bool | None = None
+
+
+class EncoderModel(nn.Module):
+    """Encoder-only model (BERT-shaped): embeddings, ``n_layers`` ``EncoderBlock``s, no head.
+
+    ``forward(tokens, padding_mask=None, token_type_ids=None) -> hidden`` with tokens ``(batch, seq)``
+    and the last hidden state ``(batch, seq, d_model)``. ``n_token_types`` adds a segment embedding
+    (BERT: 2); ``embed_norm`` normalizes the embeddings with the config's norm (BERT's embedding
+    LayerNorm). ``final_norm`` as for ``Encoder``.
+    """
+
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        n_layers: int,
+        vocab_size: int,
+        max_seq_len: int,
+        *,
+        positions: str = "learned",
+        n_token_types: int = 0,
+        embed_norm: bool = False,
+        placements: Sequence[str] | None = None,
+        final_norm: bool | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.spec = EncoderModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, n_token_types, embed_norm,
+                                     None if placements is None else tuple(placements), final_norm)
+        self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions, n_token_types=n_token_types,
+                                   norm=embed_norm)
+        self.encoder = Encoder(cfg, n_layers, placements=placements, final_norm=final_norm, rope=is_rotary(positions))
+
+    @classmethod
+    def from_spec(cls, spec: EncoderModelSpec) -> EncoderModel:
+        return cls(**spec.kwargs())
+
+    def forward(self, tokens: Tensor, *, padding_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
+        """``tokens`` (batch, seq) -> last hidden state (batch, seq, d_model)."""
+        x = self.embedding(tokens, token_type_ids=token_type_ids, padding_mask=padding_mask)
+        return self.encoder(x, padding_mask=padding_mask)
+
+
+@dataclass(frozen=True)
 class EncoderDecoderSpec(Spec):
     cfg: BlockConfig
     n_encoder_layers: int
@@ -214,9 +207,12 @@ class EncoderDecoder(nn.Module):
         self.tgt_embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
         if tie_embeddings:
             self.tgt_embedding.tokens.weight = self.src_embedding.tokens.weight
-        self.encoder = Encoder(cfg, n_encoder_layers, placements=encoder_placements, n_decoder_layers=n_decoder_layers)
+        rope = is_rotary(positions)
+        self.encoder = Encoder(cfg, n_encoder_layers, placements=encoder_placements, n_decoder_layers=n_decoder_layers,
+                               rope=rope)
         self.decoder = Decoder(
-            cfg, n_decoder_layers, cross_attention=True, placements=decoder_placements, n_encoder_layers=n_encoder_layers
+            cfg, n_decoder_layers, cross_attention=True, placements=decoder_placements, n_encoder_layers=n_encoder_layers,
+            rope=rope,
         )
         self.head = _make_head(cfg, vocab_size, self.tgt_embedding, tie_embeddings)
 

@@ -88,6 +88,7 @@ class EncoderSpec(Spec):
     placements: tuple | None = None
     n_decoder_layers: int = 0
     final_norm: bool | None = None
+    rope: bool = False
 
 
 class Encoder(_Stack):
@@ -97,7 +98,7 @@ class Encoder(_Stack):
     ``n_decoder_layers`` is the depth of the decoder this encoder feeds in an encoder-decoder
     model (DeepNorm's constants depend on it), 0 for an encoder-only model. ``final_norm``: None
     adds the closing norm exactly when the last placement needs one; False never (x-transformers'
-    ``pre_norm_has_final_norm=False``); True always.
+    ``pre_norm_has_final_norm=False``); True always. ``rope``: rotary positions in self-attention.
     """
 
     def __init__(
@@ -108,13 +109,14 @@ class Encoder(_Stack):
         placements: Sequence | None = None,
         n_decoder_layers: int = 0,
         final_norm: bool | None = None,
+        rope: bool = False,
     ):
         super().__init__(
             cfg, n_layers, "encoder", n_decoder_layers, placements, final_norm,
-            lambda c, layer: EncoderBlock(c, layer=layer),
+            lambda c, layer: EncoderBlock(c, layer=layer, rope=rope),
         )
         self.spec = EncoderSpec(cfg, n_layers, None if placements is None else tuple(placements), n_decoder_layers,
-                                final_norm)
+                                final_norm, rope)
 
     @classmethod
     def from_spec(cls, spec: EncoderSpec) -> Encoder:
@@ -135,6 +137,7 @@ class DecoderSpec(Spec):
     n_encoder_layers: int = 0
     final_norm: bool | None = None
     causal: bool = True
+    rope: bool = False
 
 
 class Decoder(_Stack):
@@ -154,14 +157,15 @@ class Decoder(_Stack):
         n_encoder_layers: int = 0,
         final_norm: bool | None = None,
         causal: bool = True,
+        rope: bool = False,
     ):
         super().__init__(
             cfg, n_layers, "decoder", n_encoder_layers, placements, final_norm,
-            lambda c, layer: DecoderBlock(c, cross_attention, causal=causal, layer=layer),
+            lambda c, layer: DecoderBlock(c, cross_attention, causal=causal, layer=layer, rope=rope),
         )
         self.cross_attention = cross_attention
         self.spec = DecoderSpec(cfg, n_layers, cross_attention, None if placements is None else tuple(placements),
-                                n_encoder_layers, final_norm, causal)
+                                n_encoder_layers, final_norm, causal, rope)
 
     @classmethod
     def from_spec(cls, spec: DecoderSpec) -> Decoder:

@@ -53,11 +53,12 @@ def find_blocks(model: nn.Module) -> list[tuple[str, int, str, TransformerBlock]
 
 
 def _attention_groups(stack, layer, sublayer, attn: MultiHeadAttention) -> list[ParamGroup]:
-    d = attn.n_heads * attn.head_dim
+    d, kv = attn.d_model, attn.kv_size  # kv < d with grouped-query attention
     if attn.cross:
-        parts = [("q", attn.q.weight, None), ("k", attn.kv.weight, slice(0, d)), ("v", attn.kv.weight, slice(d, 2 * d))]
+        parts = [("q", attn.q.weight, None), ("k", attn.kv.weight, slice(0, kv)), ("v", attn.kv.weight, slice(kv, 2 * kv))]
     else:
-        parts = [(n, attn.qkv.weight, slice(i * d, (i + 1) * d)) for i, n in enumerate("qkv")]
+        parts = [("q", attn.qkv.weight, slice(0, d)), ("k", attn.qkv.weight, slice(d, d + kv)),
+                 ("v", attn.qkv.weight, slice(d + kv, d + 2 * kv))]
     parts.append(("out", attn.out.weight, None))
     return [ParamGroup(stack, layer, sublayer, f"{sublayer}.{n}", w, rows) for n, w, rows in parts]
 
