@@ -28,6 +28,12 @@ def test_grid_runs_every_combination(capsys):
     assert post_layernorm == pytest.approx(1.0, abs=0.01)  # Post-LN ends every block on a norm
 
 
+def test_grid_with_rotary_positions_and_grouped_query_attention(capsys):
+    assert main(["grid", "--d-model", "16", "--layers", "2", "--kv-heads", "1", "--qk-norm", "full", "--rope"]) == 0
+    n = len(tformer.NORMS) * len(tformer.PLACEMENTS)
+    assert f"{n} of {n} combinations ran" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["info", "--help"], ["grid", "--help"]])
 def test_help(argv):
     result = subprocess.run([sys.executable, "-m", "tformer", *argv], capture_output=True, text=True)

@@ -61,6 +61,16 @@ def test_every_registered_placement_runs_in_the_study(tmp_path, placement):
     assert all(r.final_val_loss < 6.0 for r in rows)  # finite, near ln(256) = 5.5 after two steps
 
 
+def test_study_runs_rotary_grouped_query_models(tmp_path):
+    overrides = [*TINY, "log.eval_every=2", "model.positions=rope", "model.block.n_kv_heads=1",
+                 "model.block.qk_norm=full"]
+    rows, _ = run_study(tmp_path, placements=("pre",), norms=("rmsnorm",), warmup_steps=1, steps=2, target_loss=9.0,
+                        overrides=overrides, progress=False)
+    config = (tmp_path / "runs" / "pre-rmsnorm-warmup0" / "config.yaml").read_text()
+    assert "positions: rope" in config and "n_kv_heads: 1" in config
+    assert all(r.final_val_loss < 6.0 for r in rows)
+
+
 def test_study_help_lists_every_registered_placement_and_norm(capsys):
     with pytest.raises(SystemExit):
         main(["study", "--help"])

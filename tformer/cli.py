@@ -32,7 +32,9 @@ def _info(args: argparse.Namespace) -> int:
 def _grid(args: argparse.Namespace) -> int:
     from tformer.grid import grid_markdown, run_grid
 
-    rows = run_grid(d_model=args.d_model, n_layers=args.layers, attention=args.attention)
+    qk_norm = False if args.qk_norm == "off" else args.qk_norm
+    rows = run_grid(d_model=args.d_model, n_layers=args.layers, attention=args.attention, n_kv_heads=args.kv_heads,
+                    qk_norm=qk_norm, rope=args.rope)
     print(f"Residual-stream RMS after a {args.layers}-layer encoder at initialization "
           f"(d_model={args.d_model}, attention={args.attention!r}); every cell also ran a decoder "
           f"with cross-attention forward and backward:\n")
@@ -226,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--d-model", type=int, default=64, help="model width (default: 64)")
     grid.add_argument("--layers", type=int, default=6, help="layers per stack (default: 6)")
     grid.add_argument("--attention", default="auto", help="attention backend (default: auto)")
+    grid.add_argument("--kv-heads", type=int, default=None,
+                      help="key/value heads for grouped-query attention (default: as many as the 4 query heads)")
+    grid.add_argument("--qk-norm", default="off", choices=["off", "head", "full"], help="QK-norm (default: off)")
+    grid.add_argument("--rope", action="store_true", help="rotary positions in self-attention")
     grid.set_defaults(run=_grid)
 
     train = commands.add_parser(

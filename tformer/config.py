@@ -102,8 +102,8 @@ class BlockConfig:
             raise ConfigError(f"norm_eps={self.norm_eps!r} must be a finite number > 0")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias={self.bias!r} must be True or False")
-        if self.qk_norm is True:
-            object.__setattr__(self, "qk_norm", "head")
+        if self.qk_norm is True or self.qk_norm is None:  # None: off (what a recipe's null means)
+            object.__setattr__(self, "qk_norm", "head" if self.qk_norm else False)
         if self.qk_norm not in QK_NORMS:
             raise ConfigError(f"qk_norm={self.qk_norm!r}; valid choices: False, 'head' (True), 'full'")
         if self.n_kv_heads is not None:

@@ -27,19 +27,22 @@ class GridRow:
 
 def run_grid(
     d_model: int = 64, n_heads: int = 4, n_layers: int = 6, seq_len: int = 32, batch: int = 4,
-    attention: str = "auto", seed: int = 0,
+    attention: str = "auto", seed: int = 0, n_kv_heads: int | None = None, qk_norm: bool | str = False,
+    rope: bool = False,
 ) -> list[GridRow]:
     """Build an encoder-decoder stack pair for each combination, run forward and backward on random
-    data with padding, and report the residual-stream RMS at initialization and gradient health."""
+    data with padding, and report the residual-stream RMS at initialization and gradient health.
+    ``n_kv_heads``, ``qk_norm`` and ``rope`` (rotary positions in self-attention) set the attention."""
     rows = []
-    base = BlockConfig(d_model=d_model, n_heads=n_heads, d_ff=4 * d_model, attention=attention)
+    base = BlockConfig(d_model=d_model, n_heads=n_heads, d_ff=4 * d_model, attention=attention,
+                       n_kv_heads=n_kv_heads, qk_norm=qk_norm)
     for norm in NORMS:
         for placement in PLACEMENTS:
             start = time.perf_counter()
             torch.manual_seed(seed)
             cfg = dataclasses.replace(base, norm=norm, placement=placement)
-            encoder = Encoder(cfg, n_layers, n_decoder_layers=n_layers)
-            decoder = Decoder(cfg, n_layers, n_encoder_layers=n_layers)
+            encoder = Encoder(cfg, n_layers, n_decoder_layers=n_layers, rope=rope)
+            decoder = Decoder(cfg, n_layers, n_encoder_layers=n_layers, rope=rope)
             x = torch.randn(batch, seq_len, d_model)
             pad = torch.zeros(batch, seq_len, dtype=torch.bool)
             pad[-1, seq_len // 2 :] = True

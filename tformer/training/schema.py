@@ -13,7 +13,9 @@ import dataclasses
 from ..config import BlockConfig
 from ..errors import ConfigError
 
-_BLOCK_DEFAULTS = {**dataclasses.asdict(BlockConfig(d_model=128, n_heads=4, d_ff=512)), "attention": "auto"}
+# qk_norm takes False or a string ("head", "full"): None leaves its type free, and BlockConfig reads None as off.
+_BLOCK_DEFAULTS = {**dataclasses.asdict(BlockConfig(d_model=128, n_heads=4, d_ff=512)), "attention": "auto",
+                   "qk_norm": None}
 
 _COMMON = {
     "run": "run",
