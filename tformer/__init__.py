@@ -6,7 +6,7 @@ attention on any backend (``BACKENDS``); see ``BlockConfig``.
 
 # Modules that register entries of the norm and placement registries (importing them registers them).
 from . import rmsnorm, powernorm, stack_placements  # noqa: I001  (registration first)
-from . import analysis, data
+from . import analysis, convert, data
 from .backends import BACKENDS
 from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
 from .checkpoint import load, read_metadata, save
@@ -17,6 +17,7 @@ from .feedforward import ACTIVATIONS
 from .init import INIT_SCHEMES
 from .interop import UnsupportedLayerError, from_torch
 from .embeddings import POSITIONS
+from .hf import from_hf, to_hf  # transformers is imported only when they run
 from .models import EncoderDecoder, EncoderModel, LanguageModel
 from .norms import NORMS, make_norm
 from .placements import PLACEMENTS, LayerContext, ResidualPlacement
@@ -50,6 +51,7 @@ __all__ = [
     "UnsupportedArgumentError",
     "UnsupportedLayerError",
     "deepnorm_constants",
+    "from_hf",
     "from_torch",
     "hyper_connections",
     "make_norm",
@@ -57,4 +59,5 @@ __all__ = [
     "load",
     "read_metadata",
     "save",
+    "to_hf",
 ]

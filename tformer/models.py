@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .attention import KVCache
 from .config import BlockConfig, check_positive_int
 from .embeddings import Embedding, is_rotary
+from .errors import ConfigError
 from .init import INIT_SCHEMES
 from .spec import Spec
 from .stacks import Decoder, Encoder
@@ -25,6 +26,7 @@ class LanguageModelSpec(Spec):
     positions: str = "learned"
     tie_embeddings: bool = True
     placements: tuple | None = None
+    head_bias: bool = False
 
 
 class LanguageModel(nn.Module):
@@ -46,14 +48,15 @@ class LanguageModel(nn.Module):
         positions: str = "learned",
         tie_embeddings: bool = True,
         placements: Sequence[str] | None = None,
+        head_bias: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
         self.spec = LanguageModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, tie_embeddings,
-                                      None if placements is None else tuple(placements))
+                                      None if placements is None else tuple(placements), head_bias)
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
         self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements, rope=is_rotary(positions))
-        self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings)
+        self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings, head_bias)
 
     @classmethod
     def from_spec(cls, spec: LanguageModelSpec) -> LanguageModel:
@@ -170,6 +173,7 @@ class EncoderDecoderSpec(Spec):
     tie_embeddings: bool = True
     encoder_placements: tuple | None = None
     decoder_placements: tuple | None = None
+    head_bias: bool = False
 
 
 class EncoderDecoder(nn.Module):
@@ -193,13 +197,14 @@ class EncoderDecoder(nn.Module):
         tie_embeddings: bool = True,
         encoder_placements: Sequence[str] | None = None,
         decoder_placements: Sequence[str] | None = None,
+        head_bias: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
         self.spec = EncoderDecoderSpec(
             cfg, n_encoder_layers, n_decoder_layers, vocab_size, max_seq_len, positions, tie_embeddings,
             None if encoder_placements is None else tuple(encoder_placements),
-            None if decoder_placements is None else tuple(decoder_placements),
+            None if decoder_placements is None else tuple(decoder_placements), head_bias,
         )
         check_positive_int("n_encoder_layers", n_encoder_layers)
         check_positive_int("n_decoder_layers", n_decoder_layers)
@@ -214,7 +219,7 @@ class EncoderDecoder(nn.Module):
             cfg, n_decoder_layers, cross_attention=True, placements=decoder_placements, n_encoder_layers=n_encoder_layers,
             rope=rope,
         )
-        self.head = _make_head(cfg, vocab_size, self.tgt_embedding, tie_embeddings)
+        self.head = _make_head(cfg, vocab_size, self.tgt_embedding, tie_embeddings, head_bias)
 
     @classmethod
     def from_spec(cls, spec: EncoderDecoderSpec) -> EncoderDecoder:
@@ -268,11 +273,16 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _make_head(cfg: BlockConfig, vocab_size: int, embedding: Embedding, tie: bool) -> nn.Linear:
-    head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+def _make_head(cfg: BlockConfig, vocab_size: int, embedding: Embedding, tie: bool, bias: bool = False) -> nn.Linear:
+    """The LM head: ``d_model -> vocab_size``, sharing the token embedding when ``tie``; ``bias`` adds a
+    (zero-initialized) bias, e.g. where a converted model folded its final norm's bias into the head."""
+    if not isinstance(bias, bool):
+        raise ConfigError(f"head_bias={bias!r} must be True or False")
+    head = nn.Linear(cfg.d_model, vocab_size, bias=bias)
+    if bias:
+        nn.init.zeros_(head.bias)
     if tie:
         head.weight = embedding.tokens.weight
     else:
         INIT_SCHEMES[cfg.init].linear_(head.weight)
     return head
-
