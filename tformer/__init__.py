@@ -24,6 +24,7 @@ from .placements import PLACEMENTS, LayerContext, ResidualPlacement
 from .stack_placements import hyper_connections
 from .schedulers import SCHEDULERS, make_scheduler
 from .stacks import Decoder, Encoder
+from .switch_placement import with_placement
 
 __version__ = "0.1.0"
 
@@ -59,5 +60,6 @@ __all__ = [
     "load",
     "read_metadata",
     "save",
+    "with_placement",
     "to_hf",
 ]
