@@ -57,6 +57,9 @@ class LanguageModel(nn.Module):
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
         self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements, rope=is_rotary(positions))
         self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings, head_bias)
+        #: ``generate``'s defaults for ending rows (not part of the spec; ``tformer.from_hf`` sets them).
+        self.eos_token_id: int | list[int] | None = None
+        self.pad_token_id: int | None = None
 
     @classmethod
     def from_spec(cls, spec: LanguageModelSpec) -> LanguageModel:
@@ -83,12 +86,19 @@ class LanguageModel(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
     ) -> Tensor:
         """Sample ``max_new_tokens`` after ``prompt`` (batch, seq); returns (batch, seq + max_new_tokens).
 
         ``temperature=0`` is greedy decoding; ``top_k`` keeps the k most likely tokens. With
         ``use_cache`` each step feeds only the newest token through a KV cache, which gives the
         same logits as recomputing the whole prefix. Runs in eval mode and restores the mode after.
+
+        ``eos_token_id`` (one id or several; default ``self.eos_token_id``, None: never end) ends a row
+        at its first end-of-sequence token: its later positions hold ``pad_token_id`` (default
+        ``self.pad_token_id``, else the first eos id), and generation stops early once every row has
+        ended, so the result can be shorter: Hugging Face ``generate``'s semantics.
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (batch, seq) token ids with seq >= 1, got shape {tuple(prompt.shape)}")
@@ -97,13 +107,23 @@ class LanguageModel(nn.Module):
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.embedding.max_seq_len}")
         was_training = self.training
         self.eval()
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=prompt.device)
+        pad = self.pad_token_id if pad_token_id is None else pad_token_id
+        pad = pad if pad is not None or eos is None else int(eos[0])
+        ended = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         tokens, cache = prompt, (self.new_cache() if use_cache else None)
         step_input = prompt
         for _ in range(max_new_tokens):
             logits = self(step_input if use_cache else tokens, cache=cache)[:, -1]
             next_token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+            if eos is not None:
+                next_token = next_token.masked_fill(ended, pad)
+                ended |= torch.isin(next_token, eos)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             step_input = next_token[:, None]
+            if eos is not None and ended.all():
+                break
         self.train(was_training)
         return tokens
 
