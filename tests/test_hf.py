@@ -389,3 +389,21 @@ def test_tformer_imports_without_transformers():
             "try:\n    tformer.to_hf(m)\nexcept ImportError as e:\n    assert 'tformer[hf]' in str(e)\n"
             "else:\n    raise SystemExit('no ImportError')\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------- LayerNorm -> RMSNorm on GPT-2
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_converted_gpt2_keeps_its_logits_as_pre_rmsnorm(tied):
+    """Jiang et al. 2023 on a real architecture: Hugging Face GPT-2 -> tformer -> exact Pre-RMSNorm."""
+    import tformer.convert
+
+    torch.manual_seed(0)
+    hf_model = perturbed(transformers.GPT2LMHeadModel(gpt2(tie_word_embeddings=tied)))
+    rms = tformer.convert.layernorm_to_rmsnorm(tformer.from_hf(hf_model))
+    assert rms.spec.cfg.norm == "rmsnorm" and rms.head.bias is not None
+    ids, pad = tokens(), right_padding()
+    with torch.no_grad():
+        got = rms(ids, padding_mask=pad)
+    torch.testing.assert_close(got[~pad], causal_logits(hf_model, ids, pad)[~pad], rtol=RTOL, atol=ATOL)
