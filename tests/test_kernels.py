@@ -362,7 +362,7 @@ def test_a_temporary_directory_others_can_write_is_not_used(fresh_kernels, monke
     shared.chmod(0o777)
     with pytest.warns(kernels.KernelBuildWarning):
         status = kernels.status()
-    assert status.available and not status.path.startswith(str(shared))
+    assert status.available and os.path.dirname(status.path) != str(shared)  # (a prefix test flaked: uid 0)
     assert os.path.basename(os.path.dirname(status.path)).startswith("tformer-kernels-")
     assert list(shared.iterdir()) == []
 
