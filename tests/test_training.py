@@ -244,3 +244,33 @@ def test_damaged_training_state_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "run" / "step_0000004" / "model.safetensors").write_bytes(b"")
     assert main([*args[:-2], "train.steps=6"]) == 2
     assert "model.safetensors: the file is empty" in capsys.readouterr().err
+
+
+def test_init_from_fine_tunes_a_saved_model_with_another_placement(tmp_path):
+    """model.init_from starts from a checkpoint (e.g. a pre-trained model switched to sandwich): its
+    architecture and weights; with lr=0 the trained weights are exactly the checkpoint's."""
+    torch.manual_seed(0)
+    base = tformer.LanguageModel(tformer.BlockConfig(d_model=32, n_heads=2, d_ff=64), 2, 256, 32)
+    start = tformer.save(tformer.with_placement(base, "sandwich"), tmp_path / "start.safetensors")
+    overrides = [*TINY_LM, f"model.init_from={start}", f"out_dir={tmp_path}", "train.steps=2", "train.lr=0"]
+    train(load_config(recipe_defaults("lm"), None, overrides), progress=False)
+    trained = tformer.load(tmp_path / "run" / "model.safetensors")
+    assert trained.spec.cfg.placement == "sandwich"
+    for name, tensor in tformer.load(start).state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    missing = [*TINY_LM, f"model.init_from={tmp_path / 'nope.safetensors'}", f"out_dir={tmp_path}"]
+    with pytest.raises(tformer.CheckpointError, match="nope.safetensors: no such file"):
+        train(load_config(recipe_defaults("lm"), None, missing), progress=False)
+
+
+def test_a_run_saved_before_new_config_keys_existed_still_resumes(tmp_path):
+    """Keys added to the schema later (model.init_from, block.n_kv_heads, ...) take their defaults on resume."""
+    config = load_config(recipe_defaults("lm"), None, [*TINY_LM, f"out_dir={tmp_path}", "train.steps=2"])
+    train(config, progress=False)
+    run = tmp_path / "run"
+    step_dir = run / json.loads((run / "latest.json").read_text())["dir"]
+    state = json.loads((step_dir / "train_state.json").read_text())
+    del state["config"]["model"]["init_from"], state["config"]["model"]["block"]["n_kv_heads"]
+    (step_dir / "train_state.json").write_text(json.dumps(state))
+    longer = load_config(recipe_defaults("lm"), None, [*TINY_LM, f"out_dir={tmp_path}", "train.steps=3"])
+    assert train(longer, progress=False).steps == 3

@@ -43,7 +43,7 @@ LM_DEFAULTS = {
     "task": "lm",
     **_COMMON,
     "model": {"n_layers": 4, "max_seq_len": 256, "positions": "learned", "tie_embeddings": True,
-              "block": dict(_BLOCK_DEFAULTS)},
+              "block": dict(_BLOCK_DEFAULTS), "init_from": ""},
     "data": {"path": "python_docs", "seq_len": 128, "val_fraction": 0.1, "eval_windows": 64},
 }
 

@@ -45,14 +45,37 @@ class LanguageModelTask:
         self.tokenizer = ByteTokenizer()
         train_tokens, val_tokens = corpus_splits(data["path"], data["val_fraction"])
         self.seq_len = data["seq_len"]
-        if self.seq_len > config["model"]["max_seq_len"]:
-            raise ConfigError(f"data.seq_len={self.seq_len} exceeds model.max_seq_len={config['model']['max_seq_len']}")
+        self.init_from = config["model"]["init_from"]
+        max_seq_len = config["model"]["max_seq_len"]
+        if self.init_from:
+            spec = self._initial_model().spec
+            max_seq_len = spec.max_seq_len
+            if spec.vocab_size != self.tokenizer.vocab_size:
+                raise ConfigError(
+                    f"model.init_from={self.init_from!r} has vocab_size={spec.vocab_size}, but the data's tokenizer has "
+                    f"{self.tokenizer.vocab_size} ids"
+                )
+        if self.seq_len > max_seq_len:
+            raise ConfigError(f"data.seq_len={self.seq_len} exceeds the model's max_seq_len={max_seq_len}")
         self.batches = LMBatches(train_tokens, config["train"]["batch_size"], self.seq_len, config["seed"],
                                  world.rank, world.world_size)
         self.val = eval_windows(val_tokens, self.seq_len, data["eval_windows"])
         self.config, self.device = config, device
 
+    def _initial_model(self) -> LanguageModel:
+        from ..checkpoint import load
+
+        model = load(self.init_from)  # CheckpointError for a missing or damaged file, naming it
+        if not isinstance(model, LanguageModel):
+            raise ConfigError(f"model.init_from={self.init_from!r} holds a {type(model).__name__}; an LM recipe "
+                              f"starts from a LanguageModel checkpoint")
+        return model
+
     def build_model(self) -> nn.Module:
+        """The recipe's model, or with ``model.init_from`` that checkpoint's model and weights (its
+        architecture wins: the other ``model.*`` keys are not used)."""
+        if self.init_from:
+            return self._initial_model().train()
         m = self.config["model"]
         return LanguageModel(BlockConfig(**m["block"]), m["n_layers"], self.tokenizer.vocab_size, m["max_seq_len"],
                              positions=m["positions"], tie_embeddings=m["tie_embeddings"])

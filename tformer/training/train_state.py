@@ -111,6 +111,22 @@ def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler) -
     return state["step"], state["config"]
 
 
+def _with_defaults(saved: dict, section: str) -> dict:
+    """A saved config's section with keys added since it was written filled in from today's defaults
+    (a run saved before ``model.init_from`` or ``block.n_kv_heads`` existed resumes as before)."""
+    from .schema import recipe_defaults
+
+    defaults = recipe_defaults(saved.get("task", "lm"))[section]
+
+    def fill(default, value):
+        if isinstance(default, dict) and isinstance(value, dict) and default:
+            return {k: fill(default[k], value[k]) if k in value else default[k] for k in default} | {
+                k: v for k, v in value.items() if k not in default}
+        return value
+
+    return fill(defaults, saved[section])
+
+
 def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler) -> int:
     """The step to start from: 0, or (with ``resume: true`` and a ``latest.json``) the restored checkpoint's.
 
@@ -120,7 +136,7 @@ def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler) 
     if not (config["resume"] and (run_dir / "latest.json").exists()):
         return 0
     step, saved_config = load_training_state(run_dir, model, optimizer, scheduler)
-    if saved_config["model"] != config["model"] or saved_config["task"] != config["task"]:
+    if _with_defaults(saved_config, "model") != config["model"] or saved_config["task"] != config["task"]:
         raise ConfigError(f"{run_dir} holds a run with a different model; pick another run name or resume=false")
     replan_schedule(scheduler, optimizer, config["train"])
     return step
