@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS, attention_mask
 from .errors import ConfigError
 from .init import INIT_SCHEMES, BranchInit, zero_bias_
-from .rotary import apply_rotary
+from .rotary import rotary_cos_sin, rotate
 
 if TYPE_CHECKING:
     from .config import BlockConfig
@@ -45,6 +45,14 @@ class KVCache:
     def length(self) -> int:
         """How many positions the cache holds."""
         return self.layers[0].length
+
+
+def resolve_qk_norm(value) -> bool | str:
+    """``qk_norm`` as ``False``, ``"head"`` or ``"full"`` (``True`` means per head; ``None`` off)."""
+    resolved = "head" if value is True else (False if value is None else value)
+    if resolved not in (False, "head", "full"):
+        raise ConfigError(f"qk_norm={value!r}; valid choices: False, 'head' (True), 'full'")
+    return resolved
 
 
 class MultiHeadAttention(nn.Module):
@@ -91,9 +99,7 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads % n_kv_heads:
             raise ConfigError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
-        qk_norm = "head" if qk_norm is True else qk_norm
-        if qk_norm not in (False, "head", "full"):
-            raise ConfigError(f"qk_norm={qk_norm!r}; valid choices: False, 'head' (True), 'full'")
+        qk_norm = resolve_qk_norm(qk_norm)
         d = self.d_model = d_model
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
         if rope_base is not None and (cross or self.head_dim % 2):
@@ -152,7 +158,8 @@ class MultiHeadAttention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:
-            q, k = apply_rotary(q, offset, self.rope_base), apply_rotary(k, offset, self.rope_base)
+            cos, sin = rotary_cos_sin(q, offset, self.rope_base)  # shared by queries and keys
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return q, k, v, q_padding_mask, kv_padding_mask
 
     def _expand_kv(self, t: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from .config import BlockConfig
 from .errors import ConfigError, UnsupportedArgumentError
 from .feedforward import FeedForward
 from .placements import LayerContext, ResidualPlacement, build_placement, stream_tensor
-from .spec import Spec
+from .spec import BuiltFromSpec, Spec
 
 #: torch.nn's Transformer keyword arguments, and what to pass to tformer instead.
 TORCH_ARGUMENTS = {
@@ -90,7 +90,7 @@ def _accepts_branch_init(module: nn.Module) -> bool:
         return False
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(BuiltFromSpec, nn.Module):
     """Common parts of encoder and decoder blocks: parts, placements, streams, initialization."""
 
     #: Sublayer names in forward order; each ``name`` has a placement ``name + "_residual"``.
@@ -136,14 +136,22 @@ class TransformerBlock(nn.Module):
         return {name: (getattr(self, name), getattr(self, f"{name}_residual")) for name in self.sublayer_names}
 
     @property
+    def _first_residual(self) -> ResidualPlacement:
+        return getattr(self, f"{self.sublayer_names[0]}_residual")
+
+    @property
+    def _last_residual(self) -> ResidualPlacement:
+        return getattr(self, f"{self.sublayer_names[-1]}_residual")
+
+    @property
     def needs_final_norm(self) -> bool:
         """Whether a stack ending with this block needs a closing norm (Pre-LN, sandwich, ...)."""
-        return self.residual_sublayers()[self.sublayer_names[-1]][1].needs_final_norm
+        return self._last_residual.needs_final_norm
 
     @property
     def stream(self) -> str:
         """The kind of residual stream the placements carry (``"tensor"`` for one-tensor placements)."""
-        return self.residual_sublayers()[self.sublayer_names[0]][1].stream
+        return self._first_residual.stream
 
     def _init_sublayer(self, name: str) -> None:
         sublayer, placement = self.residual_sublayers()[name]
@@ -157,15 +165,15 @@ class TransformerBlock(nn.Module):
 
     def begin(self, x: Tensor):
         """The residual stream a stack of these blocks starts from (``x`` itself for one-tensor placements)."""
-        return self.residual_sublayers()[self.sublayer_names[0]][1].begin(x)
+        return self._first_residual.begin(x)
 
     def end(self, stream, final_norm: nn.Module | None, padding_mask: Tensor | None = None) -> Tensor:
         """A stack's output from the stream after this (its last) block."""
-        return self.residual_sublayers()[self.sublayer_names[-1]][1].end(stream, final_norm, padding_mask)
+        return self._last_residual.end(stream, final_norm, padding_mask)
 
     def _enter(self, x, padding_mask: Tensor | None):
         """``(stream, standalone)``: a tensor starts the placements' stream here, a stream object continues."""
-        check_inputs(stream_tensor(x) if not isinstance(x, Tensor) else x, padding_mask, self.d_model)
+        check_inputs(stream_tensor(x), padding_mask, self.d_model)
         standalone = isinstance(x, Tensor)
         return (self.begin(x) if standalone else x), standalone
 
@@ -215,9 +223,6 @@ class EncoderBlock(TransformerBlock):
         }, given)
         self.spec = EncoderBlockSpec(cfg, layer, rope) if not any(v is not None for v in given.values()) else None
 
-    @classmethod
-    def from_spec(cls, spec: EncoderBlockSpec) -> EncoderBlock:
-        return cls(**spec.kwargs())
 
     def forward(self, x, *, padding_mask: Tensor | None = None, **unexpected):
         reject_arguments(unexpected, "EncoderBlock.forward", ("x", "padding_mask"))
@@ -284,9 +289,6 @@ class DecoderBlock(TransformerBlock):
         custom = any(v is not None for v in given.values())
         self.spec = None if custom else DecoderBlockSpec(cfg, cross_attention, causal, layer, rope)
 
-    @classmethod
-    def from_spec(cls, spec: DecoderBlockSpec) -> DecoderBlock:
-        return cls(**spec.kwargs())
 
     @property
     def has_cross_attention(self) -> bool:
@@ -313,8 +315,9 @@ class DecoderBlock(TransformerBlock):
             if memory is None:
                 raise ValueError("this DecoderBlock has cross-attention and needs `memory`, got None")
             check_inputs(memory, memory_padding_mask, self.d_model, what="memory")
-            if memory.shape[0] != stream_tensor(stream).shape[0]:
-                raise ValueError(f"memory has batch size {memory.shape[0]} but x has {stream_tensor(stream).shape[0]}")
+            batch = stream_tensor(stream).shape[0]
+            if memory.shape[0] != batch:
+                raise ValueError(f"memory has batch size {memory.shape[0]} but x has {batch}")
             cross = partial(self.cross_attn, memory=memory, memory_padding_mask=memory_padding_mask)
             stream = self.cross_attn_residual(stream, cross, padding_mask)
         elif memory is not None:

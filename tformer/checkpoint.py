@@ -9,6 +9,8 @@ file and the problem. Writes are atomic: a temporary file in the same directory,
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import struct
@@ -26,7 +28,7 @@ from .config import BlockConfig
 from .errors import CheckpointError, ConfigError
 from .models import (EncoderDecoder, EncoderDecoderSpec, EncoderModel, EncoderModelSpec, LanguageModel,
                      LanguageModelSpec)
-from .norms import NORMS
+from .norms import NORMS, block_defaults
 from .placements import PLACEMENTS, LayerContext
 from .stacks import Decoder, DecoderSpec, Encoder, EncoderSpec
 
@@ -70,14 +72,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def _without_block_defaults(cfg: BlockConfig) -> BlockConfig:
+    """Format 1 predates ``block_defaults`` (e.g. PowerNorm's one group per head in blocks): its norms were
+    built with their constructors' own defaults, so those are pinned in ``norm_options``."""
+    norm = NORMS[cfg.norm]
+    defaults = block_defaults(norm, cfg.d_model, cfg.n_heads)
+    if not defaults:
+        return cfg
+    parameters = inspect.signature(norm).parameters
+    standalone = {key: parameters[key].default for key in defaults}
+    return dataclasses.replace(cfg, norm_options={**standalone, **cfg.norm_options})
+
+
 def _decode_v1_args(value):
     """Format version 1's constructor arguments, ``{"__BlockConfig__": {...}}`` wrappers decoded."""
     if isinstance(value, dict):
         if set(value) == {"__BlockConfig__"}:
-            fields = dict(value["__BlockConfig__"])
-            if fields.get("norm") == "powernorm":  # v1 blocks used PowerNorm's standalone default of one group
-                fields["norm_options"] = {"group_num": 1, **fields.get("norm_options", {})}
-            return BlockConfig(**fields)
+            return _without_block_defaults(BlockConfig(**value["__BlockConfig__"]))
         if set(value) == {"__LayerContext__"}:
             return LayerContext(**value["__LayerContext__"])
         return {k: _decode_v1_args(v) for k, v in value.items()}

@@ -10,15 +10,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .attention import resolve_qk_norm
 from .backends import BACKENDS
 from .errors import ConfigError
 from .feedforward import ACTIVATIONS
 from .init import INIT_SCHEMES
-from .norms import NORMS, NormFactory, check_norm_options, custom_norm, make_norm
+from .norms import NORMS, NormFactory, block_defaults, check_norm_options, custom_norm, make_norm
 from .placements import PLACEMENTS
-
-#: ``qk_norm`` values: off, per head, across the full projection.
-QK_NORMS = (False, "head", "full")
 
 #: ``norm="deepnorm"`` is shorthand for LayerNorm in the DeepNorm placement; only ``BlockConfig`` reads it.
 DEEPNORM_SHORTHAND = "deepnorm"
@@ -102,10 +100,7 @@ class BlockConfig:
             raise ConfigError(f"norm_eps={self.norm_eps!r} must be a finite number > 0")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias={self.bias!r} must be True or False")
-        if self.qk_norm is True or self.qk_norm is None:  # None: off (what a recipe's null means)
-            object.__setattr__(self, "qk_norm", "head" if self.qk_norm else False)
-        if self.qk_norm not in QK_NORMS:
-            raise ConfigError(f"qk_norm={self.qk_norm!r}; valid choices: False, 'head' (True), 'full'")
+        object.__setattr__(self, "qk_norm", resolve_qk_norm(self.qk_norm))  # None (a recipe's null): off
         if self.n_kv_heads is not None:
             check_positive_int("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
@@ -172,8 +167,7 @@ class BlockConfig:
         """A zero-argument constructor of this config's norm at ``d_model``."""
         if not isinstance(self.norm, str):
             return NormFactory(functools.partial(custom_norm, self.norm, self.d_model), self.d_model)
-        cls = NORMS[self.norm]
-        defaults = cls.block_defaults(self.d_model, self.n_heads) if hasattr(cls, "block_defaults") else {}
+        defaults = block_defaults(NORMS[self.norm], self.d_model, self.n_heads)
         build = functools.partial(make_norm, self.norm, self.d_model, eps=self.norm_eps, bias=self.use_norm_bias,
                                   **{**defaults, **self.norm_options})
         return NormFactory(build, self.d_model)

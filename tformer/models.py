@@ -14,7 +14,7 @@ from .config import BlockConfig, check_positive_int
 from .embeddings import Embedding, is_rotary
 from .errors import ConfigError
 from .init import INIT_SCHEMES
-from .spec import Spec
+from .spec import BuiltFromSpec, Spec
 from .stacks import Decoder, Encoder
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class LanguageModelSpec(Spec):
     head_bias: bool = False
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(BuiltFromSpec, nn.Module):
     """Decoder-only language model: embedding, ``n_layers`` causal ``DecoderBlock``s, LM head.
 
     ``forward(tokens, padding_mask=None) -> logits``: tokens ``(batch, seq)`` long, logits
@@ -52,8 +52,8 @@ class LanguageModel(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
-        self.spec = LanguageModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, tie_embeddings,
-                                      None if placements is None else tuple(placements), head_bias)
+        self.spec = LanguageModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, tie_embeddings, placements,
+                                      head_bias)
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
         self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements, rope=is_rotary(positions))
         self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings, head_bias)
@@ -61,9 +61,6 @@ class LanguageModel(nn.Module):
         self.eos_token_id: int | list[int] | None = None
         self.pad_token_id: int | None = None
 
-    @classmethod
-    def from_spec(cls, spec: LanguageModelSpec) -> LanguageModel:
-        return cls(**spec.kwargs())
 
     def forward(self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """``tokens`` (batch, seq) -> logits (batch, seq, vocab). With a ``cache`` (from
@@ -141,7 +138,7 @@ class EncoderModelSpec(Spec):
     final_norm: bool | None = None
 
 
-class EncoderModel(nn.Module):
+class EncoderModel(BuiltFromSpec, nn.Module):
     """Encoder-only model (BERT-shaped): embeddings, ``n_layers`` ``EncoderBlock``s, no head.
 
     ``forward(tokens, padding_mask=None, token_type_ids=None) -> hidden`` with tokens ``(batch, seq)``
@@ -166,14 +163,11 @@ class EncoderModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.spec = EncoderModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, n_token_types, embed_norm,
-                                     None if placements is None else tuple(placements), final_norm)
+                                     placements, final_norm)
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions, n_token_types=n_token_types,
                                    norm=embed_norm)
         self.encoder = Encoder(cfg, n_layers, placements=placements, final_norm=final_norm, rope=is_rotary(positions))
 
-    @classmethod
-    def from_spec(cls, spec: EncoderModelSpec) -> EncoderModel:
-        return cls(**spec.kwargs())
 
     def forward(self, tokens: Tensor, *, padding_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
@@ -196,7 +190,7 @@ class EncoderDecoderSpec(Spec):
     head_bias: bool = False
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(BuiltFromSpec, nn.Module):
     """Sequence-to-sequence Transformer over one shared vocabulary.
 
     ``forward(src_tokens, tgt_tokens, src_padding_mask=None, tgt_padding_mask=None) -> logits``
@@ -223,8 +217,8 @@ class EncoderDecoder(nn.Module):
         self.cfg = cfg
         self.spec = EncoderDecoderSpec(
             cfg, n_encoder_layers, n_decoder_layers, vocab_size, max_seq_len, positions, tie_embeddings,
-            None if encoder_placements is None else tuple(encoder_placements),
-            None if decoder_placements is None else tuple(decoder_placements), head_bias,
+            encoder_placements,
+            decoder_placements, head_bias,
         )
         check_positive_int("n_encoder_layers", n_encoder_layers)
         check_positive_int("n_decoder_layers", n_decoder_layers)
@@ -241,9 +235,6 @@ class EncoderDecoder(nn.Module):
         )
         self.head = _make_head(cfg, vocab_size, self.tgt_embedding, tie_embeddings, head_bias)
 
-    @classmethod
-    def from_spec(cls, spec: EncoderDecoderSpec) -> EncoderDecoder:
-        return cls(**spec.kwargs())
 
     def encode(self, src_tokens: Tensor, *, src_padding_mask: Tensor | None = None) -> Tensor:
         """``(batch, src_seq)`` -> memory ``(batch, src_seq, d_model)``."""

@@ -63,6 +63,13 @@ class Traits:
     normalizes: bool = True
 
 
+def block_defaults(norm_class: type, d_model: int, n_heads: int) -> dict:
+    """The options ``norm_class`` takes by default inside a block (``NormTraits.block_defaults``; none for a
+    registered class that does not derive from ``NormTraits``)."""
+    method = getattr(norm_class, "block_defaults", None)
+    return method(d_model, n_heads) if method is not None else {}
+
+
 def norm_traits(norm: object) -> Traits:
     """The traits of a norm given as a registered name, a class, or an instance."""
     if isinstance(norm, str):

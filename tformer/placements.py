@@ -110,7 +110,7 @@ class SingleNormPlacement(ResidualPlacement):
 
 def stream_tensor(stream) -> Tensor:
     """The ``(batch, seq, d_model)`` tensor that stands for a residual stream (for monitors and checks)."""
-    return stream if isinstance(stream, Tensor) else stream.hidden
+    return getattr(stream, "hidden", stream)  # a tensor (or anything else, for the caller to reject) as is
 
 
 Builder = Callable[[NormFactory, LayerContext, float], ResidualPlacement]

@@ -57,12 +57,6 @@ class Registry(Mapping[str, T], Generic[T]):
             f"a class, or a callable"
         )
 
-    def name_of(self, spec: object) -> str | None:
-        """The registered name of ``spec`` (a name or a registered entry), or None for a one-off."""
-        if isinstance(spec, str):
-            return spec if spec in self._entries else None
-        return next((name for name, entry in self._entries.items() if entry is spec), None)
-
     def __getitem__(self, name: str) -> T:
         return self.get_or_raise(name)
 

@@ -28,9 +28,18 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x: Tensor, offset: int, base: float) -> Tensor:
-    """Rotate ``x`` of shape ``(batch, seq, heads, head_dim)`` for positions ``offset .. offset + seq - 1``."""
+def rotary_cos_sin(x: Tensor, offset: int, base: float) -> tuple[Tensor, Tensor]:
+    """``cos`` and ``sin`` for ``x`` of shape ``(batch, seq, heads, head_dim)`` at positions ``offset ..
+    offset + seq - 1``, shaped ``(seq, 1, head_dim)`` to broadcast over heads, in ``x``'s dtype."""
     positions = torch.arange(offset, offset + x.shape[1], device=x.device)
     cos, sin = rotary_angles(positions, x.shape[-1], base, torch.promote_types(x.dtype, torch.float32))
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # broadcast over heads
+    return cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary(x: Tensor, offset: int, base: float) -> Tensor:
+    """Rotate ``x`` of shape ``(batch, seq, heads, head_dim)`` for positions ``offset .. offset + seq - 1``."""
+    return rotate(x, *rotary_cos_sin(x, offset, base))

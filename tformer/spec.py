@@ -31,7 +31,17 @@ def _nested_class(hint) -> type | None:
 
 @dataclass(frozen=True)
 class Spec:
-    """Base of the per-class specs; subclasses list the constructor's arguments as fields."""
+    """Base of the per-class specs; subclasses list the constructor's arguments as fields.
+
+    Lists (per-layer placements) are stored as tuples, so a spec stays hashable-by-value and compares
+    equal however the caller passed them.
+    """
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -46,13 +56,17 @@ class Spec:
         values = {}
         for name, value in data.items():
             nested = _nested_class(hints[name])
-            if nested is not None and isinstance(value, dict):
-                value = nested(**value)
-            elif isinstance(value, list):
-                value = tuple(value)
-            values[name] = value
+            values[name] = nested(**value) if nested is not None and isinstance(value, dict) else value
         return cls(**values)
 
     def kwargs(self) -> dict:
         """The constructor arguments, shallow (nested configs stay objects)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class BuiltFromSpec:
+    """Mixin of the saveable classes: ``cls.from_spec(spec)`` calls the constructor with the spec's fields."""
+
+    @classmethod
+    def from_spec(cls, spec: Spec):
+        return cls(**spec.kwargs())

@@ -19,7 +19,7 @@ from .blocks import DecoderBlock, EncoderBlock, TransformerBlock, reject_argumen
 from .config import BlockConfig, check_positive_int
 from .errors import ConfigError
 from .placements import LayerContext
-from .spec import Spec
+from .spec import BuiltFromSpec, Spec
 
 
 def _layer_configs(cfg: BlockConfig, n_layers: int, placements: Sequence | None) -> list[BlockConfig]:
@@ -36,7 +36,7 @@ def _check_final_norm(final_norm) -> None:
         raise ConfigError(f"final_norm={final_norm!r} must be None (where the last placement needs one), True or False")
 
 
-class _Stack(nn.Module):
+class _Stack(BuiltFromSpec, nn.Module):
     def __init__(
         self,
         cfg: BlockConfig,
@@ -115,12 +115,8 @@ class Encoder(_Stack):
             cfg, n_layers, "encoder", n_decoder_layers, placements, final_norm,
             lambda c, layer: EncoderBlock(c, layer=layer, rope=rope),
         )
-        self.spec = EncoderSpec(cfg, n_layers, None if placements is None else tuple(placements), n_decoder_layers,
-                                final_norm, rope)
+        self.spec = EncoderSpec(cfg, n_layers, placements, n_decoder_layers, final_norm, rope)
 
-    @classmethod
-    def from_spec(cls, spec: EncoderSpec) -> Encoder:
-        return cls(**spec.kwargs())
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, **unexpected) -> Tensor:
         """``x``: (batch, seq, d_model) -> (batch, seq, d_model)."""
@@ -164,12 +160,8 @@ class Decoder(_Stack):
             lambda c, layer: DecoderBlock(c, cross_attention, causal=causal, layer=layer, rope=rope),
         )
         self.cross_attention = cross_attention
-        self.spec = DecoderSpec(cfg, n_layers, cross_attention, None if placements is None else tuple(placements),
-                                n_encoder_layers, final_norm, causal, rope)
+        self.spec = DecoderSpec(cfg, n_layers, cross_attention, placements, n_encoder_layers, final_norm, causal, rope)
 
-    @classmethod
-    def from_spec(cls, spec: DecoderSpec) -> Decoder:
-        return cls(**spec.kwargs())
 
     def forward(
         self,

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from ..errors import CheckpointError, ConfigError
+from ..recipe_config import merge
 from .optimization import replan_schedule
+from .schema import recipe_defaults
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -114,17 +116,10 @@ def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler) -
 def _with_defaults(saved: dict, section: str) -> dict:
     """A saved config's section with keys added since it was written filled in from today's defaults
     (a run saved before ``model.init_from`` or ``block.n_kv_heads`` existed resumes as before)."""
-    from .schema import recipe_defaults
-
-    defaults = recipe_defaults(saved.get("task", "lm"))[section]
-
-    def fill(default, value):
-        if isinstance(default, dict) and isinstance(value, dict) and default:
-            return {k: fill(default[k], value[k]) if k in value else default[k] for k in default} | {
-                k: v for k, v in value.items() if k not in default}
-        return value
-
-    return fill(defaults, saved[section])
+    try:
+        return merge(recipe_defaults(saved.get("task", "lm"))[section], saved[section], section)
+    except ConfigError:  # a key today's schema lacks: compare as saved (and report a different model)
+        return saved[section]
 
 
 def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler) -> int:
