@@ -108,6 +108,7 @@ ATTENTION_VARIANTS = {
     "gqa": ({"n_kv_heads": 1}, False),
     "rope-qknorm-head": ({"qk_norm": "head"}, True),
     "rope-gqa-qknorm-full": ({"n_kv_heads": 1, "qk_norm": "full"}, True),
+    "rope-wide-heads-scaled": ({"head_dim": 6, "attn_scale": 0.3, "n_kv_heads": 1, "qk_norm": "full"}, True),
 }
 
 

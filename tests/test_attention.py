@@ -87,3 +87,51 @@ def test_config_validation_and_true_means_per_head():
         BlockConfig(d_model=16, n_heads=4, n_kv_heads=3)
     with pytest.raises(ConfigError, match="n_kv_heads=0"):
         BlockConfig(d_model=16, n_heads=4, n_kv_heads=0)
+
+
+def test_wide_heads_and_scale_against_an_independent_computation():
+    """head_dim independent of d_model / n_heads and a scale of one's own (Gemma 2): the projections are
+    (n_heads * head_dim)-wide and the scores use the given scale, as written out here."""
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(8, 2, head_dim=6, scale=0.3, backend="sdpa").double()
+    assert attn.qkv.weight.shape == (3 * 12, 8) and attn.out.weight.shape == (8, 12)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    q, k, v = (t.reshape(2, 5, 2, 6).transpose(1, 2) for t in attn.qkv(x).split(12, -1))
+    probs = (q @ k.transpose(-1, -2) * 0.3).softmax(-1)
+    expected = attn.out((probs @ v).transpose(1, 2).reshape(2, 5, 12))
+    torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-12)
+
+
+def test_softcap_against_an_independent_computation():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(8, 2, causal=True, softcap=0.5).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64) * 3
+    q, k, v = (t.reshape(2, 5, 2, 4).transpose(1, 2) for t in attn.qkv(x).split(8, -1))
+    scores = 0.5 * torch.tanh(q @ k.transpose(-1, -2) * 4**-0.5 / 0.5)
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    expected = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 8))
+    torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(attn.attention_probs(x), scores.softmax(-1).float(), rtol=0, atol=1e-6)  # float32
+    uncapped = MultiHeadAttention(8, 2, causal=True).double()
+    uncapped.load_state_dict(attn.state_dict())
+    assert (uncapped(x) - attn(x)).abs().max() > 1e-2  # the cap bites at this scale
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(head_dim=0), "head_dim=0 must be a positive integer"),
+    (dict(attn_scale=-1.0), "attn_scale=-1.0 must be None or a finite number > 0"),
+    (dict(attn_softcap=float("inf")), "attn_softcap=inf must be None or a finite number > 0"),
+    (dict(attn_softcap=30.0, attention="sdpa"), "attn_softcap=30.0 is computed by the 'math' attention backend only"),
+    (dict(d_model=30, n_heads=4), "set head_dim"),
+])
+def test_attention_fields_are_validated(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        BlockConfig(**{"d_model": 32, "n_heads": 4, **fields})
+
+
+def test_head_dim_frees_d_model_from_divisibility():
+    cfg = BlockConfig(d_model=30, n_heads=4, d_ff=8, head_dim=8)
+    block = tformer.EncoderBlock(cfg)
+    assert cfg.head_size == 8 and block.attn.qkv.weight.shape == (96, 30)
+    assert block(torch.randn(2, 3, 30)).shape == (2, 3, 30)
+    assert BlockConfig(d_model=32, n_heads=4).head_size == 8

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tformer
-from conftest import GRID, quick_norm_options
+from conftest import ATTENTION_VARIANTS, GRID, quick_norm_options
 
 
 def compiled_matches_eager(block, x, memory=None, **kwargs):
@@ -60,3 +60,31 @@ def test_every_norm_and_placement_compiles_without_graph_breaks(norm, placement)
     pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
     memory_pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     compiled_matches_eager(block, x, memory, padding_mask=pad, memory_padding_mask=memory_pad)
+
+
+GEMMA_LIKE = dict(norm="rmsnorm", norm_options={"unit_offset": True}, placement="sandwich", activation="geglu_tanh",
+                  n_kv_heads=1, head_dim=12, attn_scale=0.25, attn_softcap=5.0, bias=False)
+
+
+def test_gemma_like_block_compiles():
+    """Rotary positions, grouped-query attention, wide heads, soft-capped scores (the math path) and
+    (1 + w) RMSNorm in the sandwich placement: no graph break, eager's values and gradients."""
+    torch.manual_seed(0)
+    cfg = tformer.BlockConfig(d_model=32, n_heads=4, d_ff=64, **GEMMA_LIKE)
+    block = tformer.DecoderBlock(cfg, cross_attention=False, rope=True)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    compiled_matches_eager(block, torch.randn(2, 6, 32), padding_mask=pad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(ATTENTION_VARIANTS))
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_every_attention_variant_compiles(variant, backend):
+    """Each attention variant of the test matrix (GQA, both QK-norms, rotary positions, wide scaled heads)
+    in a causal decoder block with padding."""
+    fields, rope = ATTENTION_VARIANTS[variant]
+    torch.manual_seed(0)
+    cfg = tformer.BlockConfig(d_model=16, n_heads=2, d_ff=32, norm="layernorm", attention=backend, **fields)
+    block = tformer.DecoderBlock(cfg, cross_attention=False, rope=rope)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    compiled_matches_eager(block, torch.randn(2, 6, 16), padding_mask=pad)

@@ -64,3 +64,17 @@ def test_generate_errors():
     with pytest.raises(ValueError, match="padding mask"):
         lm(torch.zeros(1, 2, dtype=torch.long), padding_mask=torch.zeros(1, 2, dtype=torch.bool), cache=lm.new_cache())
     assert isinstance(lm.new_cache(), tformer.attention.KVCache)
+
+
+def test_soft_capped_model_decodes_with_the_cache_as_it_recomputes():
+    """Gemma 2's soft-capped attention scores and final logits under the KV cache."""
+    cfg = BlockConfig(d_model=16, n_heads=2, d_ff=32, norm="rmsnorm", placement="sandwich", n_kv_heads=1, head_dim=12,
+                      attn_softcap=1.0, norm_options={"unit_offset": True})
+    torch.manual_seed(0)
+    lm = perturb_(LanguageModel(cfg, 2, V, 24, positions="rope", logit_softcap=2.0)).double().eval()
+    tokens = torch.randint(0, V, (2, 10))
+    full = lm(tokens)
+    assert full.abs().max() < 2.0
+    cache = lm.new_cache()
+    pieces = [lm(tokens[:, :4], cache=cache)] + [lm(tokens[:, t : t + 1], cache=cache) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)

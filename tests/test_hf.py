@@ -8,6 +8,7 @@ and the refusals. Skipped without the ``hf`` extra.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import subprocess
 import sys
@@ -55,6 +56,16 @@ def olmo2(**overrides):
     return transformers.Olmo2Config(**{**config, **overrides})
 
 
+def gemma2(**overrides):
+    """Heads twice as wide as hidden / heads, a query_pre_attn_scalar of its own, both soft-caps at values that
+    bite on these logits, and a sliding window longer than every test input (so it hides nothing)."""
+    config = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, query_pre_attn_scalar=12,
+                  sliding_window=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, rms_norm_eps=1e-6,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, rope_theta=500.0)
+    return transformers.Gemma2Config(**{**config, **overrides})
+
+
 def bert(**overrides):
     config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
                   max_position_embeddings=64)
@@ -72,6 +83,14 @@ CAUSAL = {
     "olmo2-mqa-bias": lambda: transformers.Olmo2ForCausalLM(olmo2(num_key_value_heads=1, attention_bias=True)),
     "gpt2-eager": lambda: transformers.GPT2LMHeadModel(gpt2(attn_implementation="eager")),
     "llama-eager": lambda: transformers.LlamaForCausalLM(llama(attn_implementation="eager")),
+    "llama-wide-heads-geglu-tanh": lambda: transformers.LlamaForCausalLM(llama(head_dim=16,
+                                                                               hidden_act="gelu_pytorch_tanh")),
+    "olmo2-narrow-heads": lambda: transformers.Olmo2ForCausalLM(olmo2(head_dim=4)),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(gemma2()),
+    "gemma2-untied-gelu-mha-bias-uncapped": lambda: transformers.Gemma2ForCausalLM(gemma2(
+        tie_word_embeddings=False, hidden_activation="gelu", num_key_value_heads=4, attention_bias=True, head_dim=8,
+        query_pre_attn_scalar=8, attn_logit_softcapping=None, final_logit_softcapping=None,
+        layer_types=["full_attention"] * 3)),
 }
 
 
@@ -186,6 +205,46 @@ def test_from_hf_keeps_dtype():
     assert tformer.to_hf(half).model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_gemma2_maps_to_sandwich_with_its_options():
+    hf_model = perturbed(transformers.Gemma2ForCausalLM(gemma2()))
+    model = tformer.from_hf(hf_model)
+    cfg = model.cfg
+    assert (cfg.norm, cfg.placement, cfg.norm_options, cfg.activation) == (
+        "rmsnorm", "sandwich", {"unit_offset": True}, "geglu_tanh")
+    assert (cfg.head_dim, cfg.head_size, cfg.attn_softcap, model.spec.logit_softcap) == (16, 16, 5.0, 3.0)
+    assert cfg.attn_scale == 12**-0.5 and model.embedding.scale == math.sqrt(32)
+    assert model.spec.max_seq_len == 24  # the sliding window, not max_position_embeddings
+    norm = model.decoder.layers[0].attn_residual.norm_out
+    assert torch.equal(norm.weight, hf_model.model.layers[0].post_attention_layernorm.weight)  # w, not 1 + w
+
+
+def test_gemma2_soft_caps_change_the_logits():
+    """The parity above is not parity of capped values that never bite: without the caps the logits move."""
+    hf_model = perturbed(transformers.Gemma2ForCausalLM(gemma2()))
+    model = tformer.from_hf(hf_model)
+    uncapped = tformer.from_hf(perturbed(transformers.Gemma2ForCausalLM(gemma2(
+        attn_logit_softcapping=None, final_logit_softcapping=None))))
+    ids = tokens()
+    with torch.no_grad():
+        capped_logits = model(ids)
+        assert capped_logits.abs().max() < 3.0  # within the final cap
+        assert (uncapped(ids) - capped_logits).abs().max() > 0.1
+
+
+def test_gemma2_sliding_window_is_honoured_by_refusing_longer_inputs():
+    hf_model = perturbed(transformers.Gemma2ForCausalLM(gemma2(sliding_window=8)))
+    model = tformer.from_hf(hf_model)
+    ids = tokens(seq=8)
+    torch.testing.assert_close(model(ids), causal_logits(hf_model, ids, None), atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match=r"length 9 exceeds max_seq_len=8 \(Gemma 2's sliding window.*sliding_window=8"):
+        model(tokens(seq=9))
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        model.generate(prompt(seq=5), 4)
+    back = tformer.to_hf(model)  # the source's window and length come back
+    assert (back.config.sliding_window, back.config.max_position_embeddings) == (8, 64)
+    assert back.config.layer_types == hf_model.config.layer_types
+
+
 def test_olmo2_maps_to_output_placement_with_full_qk_norm():
     model = tformer.from_hf(transformers.Olmo2ForCausalLM(olmo2(num_key_value_heads=1)))
     assert model.cfg.placement == "output" and model.cfg.qk_norm == "full" and model.cfg.norm == "rmsnorm"
@@ -258,6 +317,14 @@ DIRECT = {
               dict(positions="rope", tie_embeddings=True), "Olmo2ForCausalLM"),
     "gpt2": (tformer.BlockConfig(d_model=32, n_heads=4, d_ff=80, activation="gelu_tanh", init="gpt2", norm_eps=1e-6),
              dict(positions="learned"), "GPT2LMHeadModel"),
+    "llama-wide-heads": (dataclasses.replace(LLAMA_LIKE, head_dim=12), dict(positions="rope", tie_embeddings=False),
+                         "LlamaForCausalLM"),
+    "gemma2": (dataclasses.replace(LLAMA_LIKE, placement="sandwich", norm_options={"unit_offset": True}, init="xavier",
+                                   activation="geglu_tanh", head_dim=12, attn_scale=1 / 3, attn_softcap=4.0),
+               dict(positions="rope", logit_softcap=2.0), "Gemma2ForCausalLM"),
+    "gemma2-untied-geglu": (dataclasses.replace(LLAMA_LIKE, placement="sandwich", norm_options={"unit_offset": True},
+                                                init="xavier", activation="geglu"),
+                            dict(positions="rope", tie_embeddings=False), "Gemma2ForCausalLM"),
 }
 
 
@@ -278,7 +345,7 @@ def test_directly_built_model_exports_with_equal_logits(name):
     again = tformer.from_hf(hf_model)
     with torch.no_grad():
         torch.testing.assert_close(again(ids, padding_mask=pad)[~pad], expected[~pad], atol=ATOL, rtol=RTOL)
-    if model.embedding.scale == 1.0:
+    if model.embedding.scale == (math.sqrt(32) if hf_class.startswith("Gemma") else 1.0):  # nothing folded
         assert again.spec == model.spec
         assert_state_dicts_equal(again.state_dict(), model.state_dict())
 
@@ -306,6 +373,8 @@ def test_to_hf_picks_the_named_family_and_refuses_unknown_ones():
 
 
 BASE = tformer.BlockConfig(d_model=32, n_heads=4, d_ff=64, init="gpt2")
+GEMMA_LIKE = dataclasses.replace(LLAMA_LIKE, placement="sandwich", norm_options={"unit_offset": True}, init="xavier",
+                                 activation="geglu_tanh")
 
 
 @pytest.mark.parametrize("cfg, kwargs, field", [
@@ -326,6 +395,16 @@ BASE = tformer.BlockConfig(d_model=32, n_heads=4, d_ff=64, init="gpt2")
     (dataclasses.replace(LLAMA_LIKE, placement="output", ffn_bias=True), {"positions": "rope"}, "ffn_bias=True"),
     (dataclasses.replace(LLAMA_LIKE, placement="output"), {"positions": "rope"}, "qk_norm=False"),
     (LLAMA_LIKE, {"positions": "rope", "head_bias": True}, "head_bias=True"),
+    (dataclasses.replace(BASE, head_dim=16), {}, "head_dim=16"),
+    (dataclasses.replace(BASE, attn_scale=0.5), {}, "attn_scale=0.5"),
+    (dataclasses.replace(LLAMA_LIKE, attn_softcap=30.0), {"positions": "rope"}, "attn_softcap=30.0"),
+    (LLAMA_LIKE, {"positions": "rope", "logit_softcap": 30.0}, "logit_softcap=30.0"),
+    (dataclasses.replace(LLAMA_LIKE, placement="sandwich"), {"positions": "rope"}, "activation='swiglu'"),
+    (dataclasses.replace(GEMMA_LIKE, norm_options={}), {"positions": "rope"}, "norm_options={}"),
+    (dataclasses.replace(GEMMA_LIKE, qk_norm="head"), {"positions": "rope"}, "qk_norm='head'"),
+    (dataclasses.replace(GEMMA_LIKE, ffn_bias=True), {"positions": "rope"}, "ffn_bias=True"),
+    (dataclasses.replace(GEMMA_LIKE, init="gpt2"), {"positions": "rope"}, "init='gpt2'"),
+    (dataclasses.replace(GEMMA_LIKE, placement="pre"), {"positions": "rope"}, "norm_options={'unit_offset': True}"),
 ])
 def test_to_hf_refuses_the_first_field_without_an_equivalent(cfg, kwargs, field):
     model = tformer.LanguageModel(cfg, 2, VOCAB, 64, **kwargs)
@@ -360,8 +439,10 @@ def test_to_hf_refuses_what_bert_cannot_express():
     (lambda: transformers.GPT2LMHeadModel(gpt2(scale_attn_weights=False)), "scale_attn_weights"),
     (lambda: transformers.GPT2LMHeadModel(gpt2(activation_function="quick_gelu")), "activation_function='quick_gelu'"),
     (lambda: transformers.LlamaForCausalLM(llama(pretraining_tp=2)), "pretraining_tp=2"),
-    (lambda: transformers.LlamaForCausalLM(llama(head_dim=16)), "head_dim=16"),
-    (lambda: transformers.LlamaForCausalLM(llama(hidden_act="gelu_pytorch_tanh")), "hidden_act='gelu_pytorch_tanh'"),
+    (lambda: transformers.Gemma2ForCausalLM(gemma2(use_bidirectional_attention=True)),
+     "use_bidirectional_attention=True"),
+    (lambda: transformers.Gemma2ForCausalLM(gemma2(hidden_activation="relu")), "hidden_activation='relu'"),
+    (lambda: transformers.LlamaForCausalLM(llama(hidden_act="relu")), "hidden_act='relu'"),
     (lambda: transformers.LlamaForCausalLM(llama(rope_scaling={"rope_type": "linear", "factor": 2.0})), "'linear'"),
     (lambda: transformers.BertModel(bert(is_decoder=True)), "is_decoder"),
     (lambda: transformers.BertModel(bert(hidden_act="tanh")), "hidden_act='tanh'"),
@@ -407,3 +488,59 @@ def test_converted_gpt2_keeps_its_logits_as_pre_rmsnorm(tied):
     with torch.no_grad():
         got = rms(ids, padding_mask=pad)
     torch.testing.assert_close(got[~pad], causal_logits(hf_model, ids, pad)[~pad], rtol=RTOL, atol=ATOL)
+
+
+def test_converted_gemma2_saves_and_loads_with_its_options(tmp_path):
+    hf_model = perturbed(transformers.Gemma2ForCausalLM(gemma2()))
+    model = tformer.from_hf(hf_model)
+    tformer.save(model, tmp_path / "gemma2.safetensors")
+    loaded = tformer.load(tmp_path / "gemma2.safetensors").eval()
+    assert loaded.spec == model.spec  # soft-caps, head width, scale and the (1 + w) norms travel in the spec
+    ids = tokens()
+    torch.testing.assert_close(loaded(ids), causal_logits(hf_model, ids, None), atol=ATOL, rtol=RTOL)
+
+
+# ------------------------------------------------------------------------------------------- recipes
+
+
+LLAMA_RECIPE = [
+    "model.n_layers=2", "model.max_seq_len=32", "model.positions=rope", "model.tie_embeddings=false",
+    "model.block.d_model=32", "model.block.n_heads=4", "model.block.n_kv_heads=2", "model.block.d_ff=64",
+    "model.block.norm=rmsnorm", "model.block.activation=swiglu", "model.block.bias=false",
+    "data.seq_len=32", "data.eval_windows=8", "train.batch_size=4", "train.warmup_steps=2", "log.every=1",
+    "log.eval_every=100", "log.progress=false",
+]
+
+
+def test_recipe_trained_model_exports_to_transformers_and_fine_tunes_from_there(tmp_path):
+    """A Llama-shaped model trained by the LM recipe exports (to_hf + save_pretrained), loads in transformers
+    with the same logits, and a second run starts from that directory (model.init_from=hf:DIR)."""
+    from tformer.recipe_config import load_config
+    from tformer.training import recipe_defaults, train
+
+    train(load_config(recipe_defaults("lm"), None, [*LLAMA_RECIPE, f"out_dir={tmp_path}", "train.steps=6"]),
+          progress=False)
+    trained = tformer.load(tmp_path / "run" / "model.safetensors").eval()
+    export = tmp_path / "hf-export"
+    tformer.to_hf(trained).save_pretrained(export)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(ids), atol=ATOL, rtol=RTOL)
+
+    overrides = [*LLAMA_RECIPE, f"model.init_from=hf:{export}", f"out_dir={tmp_path}", "run=from-hf",
+                 "train.steps=2", "train.lr=0"]
+    train(load_config(recipe_defaults("lm"), None, overrides), progress=False)
+    tuned = tformer.load(tmp_path / "from-hf" / "model.safetensors").eval()
+    with torch.no_grad():  # lr=0: the run's weights are the exported model's, so are its logits
+        torch.testing.assert_close(tuned(ids), trained(ids), atol=ATOL, rtol=RTOL)
+
+    with pytest.raises(tformer.ConfigError, match="could not load a causal LM from"):
+        train(load_config(recipe_defaults("lm"), None, [*LLAMA_RECIPE, f"model.init_from=hf:{tmp_path / 'nope'}",
+                                                        f"out_dir={tmp_path}", "run=nope"]), progress=False)
+    small_vocab = tmp_path / "vocab-96"
+    perturbed(transformers.LlamaForCausalLM(llama())).save_pretrained(small_vocab)
+    with pytest.raises(tformer.ConfigError, match="vocab_size=96, but the data's tokenizer has 256 ids"):
+        train(load_config(recipe_defaults("lm"), None, [*LLAMA_RECIPE, f"model.init_from=hf:{small_vocab}",
+                                                        f"out_dir={tmp_path}", "run=small"]), progress=False)

@@ -99,8 +99,26 @@ def test_make_norm_errors():
         make_norm("batchnorm", D)
     with pytest.raises(ConfigError, match=r"alpha_init"):
         make_norm("dyt", D, alpha=1.0)
-    with pytest.raises(ConfigError, match="none"):
+    with pytest.raises(ConfigError, match="valid options: unit_offset"):
         make_norm("rmsnorm", D, warmup_iters=3)
+    with pytest.raises(ConfigError, match="valid options: none"):
+        make_norm("layernorm", D, warmup_iters=3)
+    with pytest.raises(ConfigError, match="unit_offset=1 must be True or False"):
+        make_norm("rmsnorm", D, unit_offset=1)
+
+
+def test_rmsnorm_unit_offset_is_gemmas_one_plus_weight():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    norm = make_norm("rmsnorm", D, eps=1e-6, unit_offset=True).double()
+    assert torch.equal(norm.weight, torch.zeros(D, dtype=torch.float64))  # starts as the identity gain
+    with torch.no_grad():
+        norm.weight.normal_()
+    expected = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * (1 + norm.weight)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+    weight = norm.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)),
+                                    (x[:1, :2].clone().requires_grad_(), weight))
 
 
 def test_deepnorm_is_a_config_shorthand_not_a_norm():

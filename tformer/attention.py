@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .backends import BACKENDS, attention_mask
+from .backends import BACKENDS, attention_mask, math_attention
 from .errors import ConfigError
 from .init import INIT_SCHEMES, BranchInit, zero_bias_
 from .rotary import rotary_cos_sin, rotate
@@ -69,6 +69,13 @@ class MultiHeadAttention(nn.Module):
       over the whole q / k projection before the head split (OLMo 2); always before rotary positions.
     * ``rope_base``: rotary positions (``tformer.rotary``) on queries and keys of self-attention, at
       the positions after what a KV cache holds; ``None``: no rotary positions.
+    * ``head_dim``: the width of each head (``None``: ``d_model / n_heads``); Gemma and Qwen 3 use
+      heads whose total width ``n_heads * head_dim`` differs from ``d_model``.
+    * ``scale``: the factor on ``q k^T`` (``None``: ``head_dim ** -0.5``; Gemma 2 uses
+      ``query_pre_attn_scalar ** -0.5``).
+    * ``softcap``: attention logit soft-capping ``softcap * tanh(scores / softcap)`` (Gemma 2). No
+      fused kernel computes it, so it runs the ``math`` backend (O(S^2) memory); ``backend`` must be
+      ``"auto"`` or ``"math"``.
     * ``dropout`` drops attention probabilities in training; ``backend`` names an attention kernel
       of ``tformer.BACKENDS``; ``init`` a scheme of ``tformer.INIT_SCHEMES``.
 
@@ -83,6 +90,9 @@ class MultiHeadAttention(nn.Module):
         n_heads: int,
         *,
         n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
         causal: bool = False,
         cross: bool = False,
         bias: bool = True,
@@ -94,14 +104,20 @@ class MultiHeadAttention(nn.Module):
         init: str = "xavier",
     ):
         super().__init__()
-        if d_model % n_heads:
-            raise ConfigError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if head_dim is None and d_model % n_heads:
+            raise ConfigError(f"d_model={d_model} is not divisible by n_heads={n_heads}; give head_dim to choose "
+                              f"the head width independently")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads % n_kv_heads:
             raise ConfigError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         qk_norm = resolve_qk_norm(qk_norm)
         d = self.d_model = d_model
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d // n_heads if head_dim is None else head_dim
+        self.scale, self.softcap = scale, softcap
+        if softcap is not None and backend not in ("auto", "math"):
+            raise ConfigError(f"attention soft-capping (softcap={softcap!r}) runs on the 'math' backend only; "
+                              f"got backend={backend!r}: use 'auto' or 'math'")
         if rope_base is not None and (cross or self.head_dim % 2):
             raise ConfigError("rotary positions need self-attention with an even head_dim, "
                               f"got {'cross-attention' if cross else f'head_dim={self.head_dim}'}")
@@ -111,18 +127,18 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = dropout
         INIT_SCHEMES.get_or_raise(init)
         self.init_scheme = init
-        kv = n_kv_heads * self.head_dim
+        kv, q_size = n_kv_heads * self.head_dim, n_heads * self.head_dim
         if cross:
-            self.q = nn.Linear(d, d, bias=bias)
+            self.q = nn.Linear(d, q_size, bias=bias)
             self.kv = nn.Linear(d, 2 * kv, bias=bias)
         else:
-            self.qkv = nn.Linear(d, d + 2 * kv, bias=bias)
-        self.out = nn.Linear(d, d, bias=bias)
+            self.qkv = nn.Linear(d, q_size + 2 * kv, bias=bias)
+        self.out = nn.Linear(q_size, d, bias=bias)
         self.qk_norm = qk_norm
         if qk_norm:
-            q_size, k_size = (self.head_dim, self.head_dim) if qk_norm == "head" else (d, kv)
-            self.q_norm = nn.RMSNorm(q_size, eps=norm_eps)
-            self.k_norm = nn.RMSNorm(k_size, eps=norm_eps)
+            q_norm_size, k_norm_size = (self.head_dim, self.head_dim) if qk_norm == "head" else (q_size, kv)
+            self.q_norm = nn.RMSNorm(q_norm_size, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(k_norm_size, eps=norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
@@ -130,13 +146,19 @@ class MultiHeadAttention(nn.Module):
     def from_config(cls, cfg: BlockConfig, *, causal: bool = False, cross: bool = False,
                     rope: bool = False) -> MultiHeadAttention:
         """The attention a ``BlockConfig`` describes (``rope``: rotary positions at ``cfg.rope_base``)."""
-        return cls(cfg.d_model, cfg.n_heads, n_kv_heads=cfg.n_kv_heads, causal=causal, cross=cross,
+        return cls(cfg.d_model, cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, scale=cfg.attn_scale,
+                   softcap=cfg.attn_softcap, causal=causal, cross=cross,
                    bias=cfg.use_attn_bias, dropout=cfg.attn_dropout, backend=cfg.attention, qk_norm=cfg.qk_norm,
                    norm_eps=cfg.norm_eps, rope_base=cfg.rope_base if rope else None, init=cfg.init)
 
     @property
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def q_size(self) -> int:
+        """The width of the queries (and of the attention output before ``out``): ``n_heads * head_dim``."""
+        return self.n_heads * self.head_dim
 
     def _project(self, x: Tensor, memory: Tensor | None, padding_mask: Tensor | None,
                  memory_padding_mask: Tensor | None, offset: int = 0):
@@ -149,7 +171,7 @@ class MultiHeadAttention(nn.Module):
             k, v = self.kv(memory).chunk(2, dim=-1)
             q_padding_mask, kv_padding_mask = None, memory_padding_mask
         else:
-            q, k, v = self.qkv(x).split([self.d_model, self.kv_size, self.kv_size], dim=-1)
+            q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q_padding_mask = kv_padding_mask = padding_mask
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -187,12 +209,15 @@ class MultiHeadAttention(nn.Module):
         q, k, v, q_padding_mask, kv_padding_mask = self._project(x, memory, padding_mask, memory_padding_mask, offset)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = self.backend(
+        options = {"softcap": self.softcap} if self.softcap is not None else {}
+        out = (math_attention if options else self.backend)(
             q, self._expand_kv(k), self._expand_kv(v),
             causal=self.causal,
             q_padding_mask=q_padding_mask,
             kv_padding_mask=kv_padding_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=self.scale,
+            **options,
         )  # (batch, seq, heads, head_dim)
         return self.out(rearrange(out, "b s h d -> b s (h d)"))
 
@@ -217,7 +242,10 @@ class MultiHeadAttention(nn.Module):
                                          device=q.device)
         if is_causal:
             mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * self.head_dim**-0.5
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(-1)
@@ -227,6 +255,8 @@ class MultiHeadAttention(nn.Module):
         extra = "" if self.n_kv_heads == self.n_heads else f", kv_heads={self.n_kv_heads}"
         extra += f", qk_norm={self.qk_norm!r}" if self.qk_norm else ""
         extra += f", rope_base={self.rope_base:g}" if self.rope_base is not None else ""
+        extra += f", scale={self.scale:g}" if self.scale is not None else ""
+        extra += f", softcap={self.softcap:g}" if self.softcap is not None else ""
         return f"{kind}-attention, heads={self.n_heads}, head_dim={self.head_dim}{extra}, backend={self.backend_name!r}"
 
     def reset_parameters(self, branch: BranchInit = BranchInit()) -> None:
@@ -237,7 +267,7 @@ class MultiHeadAttention(nn.Module):
             scheme.blocks_(self.kv.weight, [self.kv_size] * 2, [1.0, branch.gain], branch.normal)
             projections = (self.q, self.kv, self.out)
         else:
-            sizes = [self.d_model, self.kv_size, self.kv_size]
+            sizes = [self.q_size, self.kv_size, self.kv_size]
             scheme.blocks_(self.qkv.weight, sizes, [1.0, 1.0, branch.gain], branch.normal)
             projections = (self.qkv, self.out)
         scheme.linear_(self.out.weight, branch.gain, branch.normal)

@@ -96,13 +96,20 @@ def _default_scale(q: Tensor, scale: float | None) -> float:
 
 
 @BACKENDS.register("math")
-def math_attention(q, k, v, *, causal=False, q_padding_mask=None, kv_padding_mask=None, dropout_p=0.0, scale=None):
-    """Explicit ``softmax(q k^T * scale) v``: the reference every backend is tested against."""
+def math_attention(q, k, v, *, causal=False, q_padding_mask=None, kv_padding_mask=None, dropout_p=0.0, scale=None,
+                   softcap=None):
+    """Explicit ``softmax(q k^T * scale) v``: the reference every backend is tested against.
+
+    ``softcap``: soft-capped scores ``softcap * tanh(scores / softcap)`` before masking (Gemma 2's
+    attention logit soft-capping); only this backend computes it.
+    """
     q_len, kv_len = q.shape[1], k.shape[1]
     mask, is_causal = attention_mask(q_len, kv_len, causal=causal, kv_padding_mask=kv_padding_mask, device=q.device)
     if is_causal:
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * _default_scale(q, scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)

@@ -52,6 +52,13 @@ class BlockConfig:
       the head split (OLMo 2). Both come before rotary positions, as in those models.
     * ``rope_base``: the base of rotary position frequencies, used where the model's positions
       are ``"rope"``.
+    * ``head_dim``: the width of each attention head; ``None`` is ``d_model / n_heads`` (which must
+      then divide). Gemma 2 and Qwen 3 use wider or narrower heads (``head_size`` gives the value).
+    * ``attn_scale``: the factor on ``q k^T``; ``None`` is ``head_dim ** -0.5`` (Gemma 2 uses
+      ``query_pre_attn_scalar ** -0.5``).
+    * ``attn_softcap``: attention logit soft-capping, ``c * tanh(scores / c)`` before the softmax
+      (Gemma 2 uses 50). Computed by the ``math`` backend only (O(S^2) memory), so ``attention``
+      must be ``"auto"`` or ``"math"``.
     * ``init``: the weight initialization scheme (``"xavier"`` or ``"gpt2"``, see ``tformer.init``).
     * ``norm_options``: extra keyword arguments for a registered norm, e.g. ``{"warmup_iters": 100}``
       for PowerNorm or ``{"alpha_init": 0.5}`` for DyT; they override the norm's block defaults
@@ -77,14 +84,19 @@ class BlockConfig:
     norm_options: dict = field(default_factory=dict)
     n_kv_heads: int | None = None
     rope_base: float = 10000.0
+    head_dim: int | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
 
     def __post_init__(self):
         for name in ("d_model", "n_heads", "d_ff"):
             check_positive_int(name, getattr(self, name))
-        if self.d_model % self.n_heads:
+        if self.head_dim is not None:
+            check_positive_int("head_dim", self.head_dim)
+        elif self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                f"choose n_heads among the divisors of d_model, e.g. {_divisors(self.d_model)}"
+                f"choose n_heads among the divisors of d_model, e.g. {_divisors(self.d_model)}, or set head_dim"
             )
         self._resolve_deepnorm_shorthand()
         NORMS.resolve(self.norm)
@@ -110,6 +122,13 @@ class BlockConfig:
                 )
         if not _is_real(self.rope_base) or not (self.rope_base > 1 and math.isfinite(self.rope_base)):
             raise ConfigError(f"rope_base={self.rope_base!r} must be a finite number > 1")
+        for name in ("attn_scale", "attn_softcap"):
+            value = getattr(self, name)
+            if value is not None and (not _is_real(value) or not (value > 0 and math.isfinite(value))):
+                raise ConfigError(f"{name}={value!r} must be None or a finite number > 0")
+        if self.attn_softcap is not None and self.attention not in ("auto", "math"):
+            raise ConfigError(f"attn_softcap={self.attn_softcap!r} is computed by the 'math' attention backend only; "
+                              f"attention={self.attention!r} cannot: use attention='auto' or 'math'")
         for name in ("norm_bias", "attn_bias", "ffn_bias"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True, False or None (None: follow bias)")
@@ -138,8 +157,9 @@ class BlockConfig:
             object.__setattr__(self, "placement", "pre")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """The width of one attention head (``head_dim`` resolved)."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     @property
     def kv_heads(self) -> int:

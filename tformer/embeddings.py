@@ -88,6 +88,8 @@ class Embedding(nn.Module):
         check_positive_int("max_seq_len", max_seq_len)
         scheme = INIT_SCHEMES[cfg.init]
         self.max_seq_len = max_seq_len
+        #: why ``max_seq_len`` is what it is, added to the error for a longer input (``from_hf`` sets it for Gemma 2)
+        self.max_seq_len_reason = ""
         self.tokens = nn.Embedding(vocab_size, cfg.d_model)
         scheme.embedding_(self.tokens.weight)
         self.scale = scheme.embed_scale(cfg.d_model)
@@ -104,7 +106,8 @@ class Embedding(nn.Module):
             raise ValueError(f"tokens must be (batch, seq) token ids, got shape {tuple(tokens.shape)}")
         seq_len = tokens.shape[1]
         if offset + seq_len > self.max_seq_len:
-            raise ValueError(f"sequence of length {offset + seq_len} exceeds max_seq_len={self.max_seq_len}")
+            raise ValueError(f"sequence of length {offset + seq_len} exceeds max_seq_len={self.max_seq_len}"
+                             f"{self.max_seq_len_reason}")
         x = self.tokens(tokens) * self.scale
         positions = self.positions(seq_len, offset)
         if positions is not None:

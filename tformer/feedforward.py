@@ -24,13 +24,19 @@ class Activation:
     gated: bool = False
 
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (GPT-2's ``gelu_new``, Gemma's ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
 ACTIVATIONS: Registry[Activation] = Registry("activation")
 ACTIVATIONS.register("relu")(Activation(F.relu))
 ACTIVATIONS.register("gelu")(Activation(F.gelu))
-ACTIVATIONS.register("gelu_tanh")(Activation(lambda x: F.gelu(x, approximate="tanh")))
+ACTIVATIONS.register("gelu_tanh")(Activation(gelu_tanh))
 ACTIVATIONS.register("silu")(Activation(F.silu))
 ACTIVATIONS.register("swiglu")(Activation(F.silu, gated=True))  # Shazeer 2020
 ACTIVATIONS.register("geglu")(Activation(F.gelu, gated=True))
+ACTIVATIONS.register("geglu_tanh")(Activation(gelu_tanh, gated=True))  # Gemma
 
 
 class FeedForward(nn.Module):

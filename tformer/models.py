@@ -27,6 +27,7 @@ class LanguageModelSpec(Spec):
     tie_embeddings: bool = True
     placements: tuple | None = None
     head_bias: bool = False
+    logit_softcap: float | None = None
 
 
 class LanguageModel(BuiltFromSpec, nn.Module):
@@ -36,6 +37,7 @@ class LanguageModel(BuiltFromSpec, nn.Module):
     ``(batch, seq, vocab_size)``; position ``i`` never sees tokens after ``i``.
     ``tie_embeddings`` shares the token embedding with the output projection.
     ``placements`` sets one placement per layer (e.g. for Mix-LN style studies).
+    ``logit_softcap``: final logit soft-capping ``c * tanh(logits / c)`` (Gemma 2 uses 30).
     """
 
     def __init__(
@@ -49,11 +51,16 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         tie_embeddings: bool = True,
         placements: Sequence[str] | None = None,
         head_bias: bool = False,
+        logit_softcap: float | None = None,
     ):
         super().__init__()
+        if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
+                                          or not 0 < logit_softcap < float("inf")):
+            raise ConfigError(f"logit_softcap={logit_softcap!r} must be None or a finite number > 0")
         self.cfg = cfg
         self.spec = LanguageModelSpec(cfg, n_layers, vocab_size, max_seq_len, positions, tie_embeddings, placements,
-                                      head_bias)
+                                      head_bias, logit_softcap)
+        self.logit_softcap = logit_softcap
         self.embedding = Embedding(cfg, vocab_size, max_seq_len, positions)
         self.decoder = Decoder(cfg, n_layers, cross_attention=False, placements=placements, rope=is_rotary(positions))
         self.head = _make_head(cfg, vocab_size, self.embedding, tie_embeddings, head_bias)
@@ -67,7 +74,10 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         ``new_cache``) the tokens continue the cached positions and their keys/values are added."""
         offset = 0 if cache is None else cache.length
         x = self.decoder(self.embedding(tokens, offset), padding_mask=padding_mask, cache=cache)
-        return self.head(x)
+        logits = self.head(x)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for incremental decoding."""
@@ -101,7 +111,8 @@ class LanguageModel(BuiltFromSpec, nn.Module):
             raise ValueError(f"prompt must be (batch, seq) token ids with seq >= 1, got shape {tuple(prompt.shape)}")
         total = prompt.shape[1] + max_new_tokens
         if total > self.embedding.max_seq_len:
-            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.embedding.max_seq_len}")
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.embedding.max_seq_len}"
+                             f"{self.embedding.max_seq_len_reason}")
         was_training = self.training
         self.eval()
         eos = self.eos_token_id if eos_token_id is None else eos_token_id

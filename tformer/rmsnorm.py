@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import kernels
+from .errors import ConfigError
 from .norms import NORMS, NormTraits
 
 
@@ -145,15 +146,26 @@ class RMSNorm(NormTraits, nn.Module):
     a C kernel as fast as ``nn.LayerNorm`` where ``nn.RMSNorm`` is 5x slower, see
     ``tformer.kernels``). ``bias`` is accepted for a uniform factory signature and ignored:
     RMSNorm has no bias.
+
+    ``unit_offset=True`` stores the gain as an offset from one, ``(1 + weight) * x / rms(x)`` with
+    ``weight`` starting at zero: Gemma's convention (``norm_options={"unit_offset": True}``), kept so
+    that Gemma weights load and export bit for bit.
     """
 
-    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True):
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d_model))
+        if not isinstance(unit_offset, bool):
+            raise ConfigError(f"unit_offset={unit_offset!r} must be True or False")
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(d_model) if unit_offset else torch.ones(d_model))
+
+    @property
+    def gain(self) -> Tensor:
+        """The multiplier of the normalized input (``1 + weight`` with ``unit_offset``)."""
+        return self.weight + 1.0 if self.unit_offset else self.weight
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.gain, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")

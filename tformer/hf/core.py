@@ -97,8 +97,10 @@ def refuse_hf(family: Family, option: str, value, why: str) -> ConfigError:
 
 SUPPORTED_TO_HF = (
     "to_hf writes GPT2LMHeadModel (LanguageModel, layernorm, pre, learned positions), LlamaForCausalLM "
-    "(LanguageModel, rmsnorm, pre, rope, swiglu/geglu), Olmo2ForCausalLM (LanguageModel, rmsnorm, output, rope, "
-    "qk_norm='full', swiglu/geglu) and BertModel (EncoderModel, layernorm, post, learned positions, embed_norm)."
+    "(LanguageModel, rmsnorm, pre, rope, swiglu/geglu/geglu_tanh), Olmo2ForCausalLM (LanguageModel, rmsnorm, output, "
+    "rope, qk_norm='full', swiglu/geglu/geglu_tanh), Gemma2ForCausalLM (LanguageModel, rmsnorm with "
+    "norm_options={'unit_offset': True}, sandwich, rope, geglu_tanh/geglu, init='xavier') and BertModel "
+    "(EncoderModel, layernorm, post, learned positions, embed_norm)."
 )
 
 
@@ -116,6 +118,11 @@ class Needs:
     qk_norm: bool | str
     gqa: bool
     positions: str
+    norm_options: dict = field(default_factory=dict)
+    head_dim: bool = False  # whether the class has heads of any width (else d_model / n_heads)
+    attn_scale: bool = False  # whether it scales q k^T by anything but head_dim ** -0.5
+    softcaps: bool = False  # whether it soft-caps attention scores and final logits
+    embed_scale: str = "one"  # what the class multiplies token embeddings by: "one" or "sqrt_d"
 
 
 def check_model(family: Family, model: nn.Module, needs: Needs) -> None:
@@ -138,21 +145,37 @@ def check_model(family: Family, model: nn.Module, needs: Needs) -> None:
         raise refuse(family, "attn_bias", cfg.use_attn_bias, f"attn_bias={needs.attn_bias}")
     if needs.ffn_bias is not None and cfg.use_ffn_bias != needs.ffn_bias:
         raise refuse(family, "ffn_bias", cfg.use_ffn_bias, f"ffn_bias={needs.ffn_bias}")
-    if cfg.norm_options:
-        raise refuse(family, "norm_options", cfg.norm_options, "none")
+    if cfg.norm_options != needs.norm_options:
+        raise refuse(family, "norm_options", cfg.norm_options, repr(needs.norm_options) if needs.norm_options else "none")
     if cfg.qk_norm != needs.qk_norm:
         raise refuse(family, "qk_norm", cfg.qk_norm, f"qk_norm={needs.qk_norm!r}")
     if not needs.gqa and cfg.kv_heads != cfg.n_heads:
         raise refuse(family, "n_kv_heads", cfg.n_kv_heads, "as many key/value heads as query heads (n_kv_heads=None)")
-    if isinstance(model, LanguageModel) and model.spec.tie_embeddings and model.embedding.scale != 1.0:
+    if not needs.head_dim and cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        raise refuse(family, "head_dim", cfg.head_dim, f"heads of width d_model / n_heads (head_dim=None)")
+    if not needs.attn_scale and cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size**-0.5:
+        raise refuse(family, "attn_scale", cfg.attn_scale, "the scale head_dim ** -0.5 (attn_scale=None)")
+    if not needs.softcaps and cfg.attn_softcap is not None:
+        raise refuse(family, "attn_softcap", cfg.attn_softcap, "no attention soft-capping (attn_softcap=None)")
+    if not needs.softcaps and getattr(model.spec, "logit_softcap", None) is not None:
+        raise refuse(family, "logit_softcap", model.spec.logit_softcap, "no logit soft-capping (logit_softcap=None)")
+    hf_scale = hf_embed_scale(needs, cfg)
+    if isinstance(model, LanguageModel) and model.spec.tie_embeddings and model.embedding.scale != hf_scale:
+        wanted = "unscaled token embeddings" if hf_scale == 1.0 else f"token embeddings times sqrt(d_model) = {hf_scale:g}"
+        init = "init='gpt2'" if hf_scale == 1.0 else "init='xavier'"
         raise refuse(family, "init", cfg.init,
-                     f"unscaled token embeddings when the head is tied (init={cfg.init!r} multiplies them by "
-                     f"{model.embedding.scale:g}; build with init='gpt2', or tie_embeddings=False, where the scale "
+                     f"{wanted} when the head is tied (init={cfg.init!r} multiplies them by "
+                     f"{model.embedding.scale:g}; build with {init}, or tie_embeddings=False, where the scale "
                      f"is folded into the exported embedding)")
     if model.spec.positions != needs.positions:
         raise refuse(family, "positions", model.spec.positions, f"positions={needs.positions!r}")
     if getattr(model.spec, "head_bias", False):
         raise refuse(family, "head_bias", True, "an LM head without a bias (head_bias=False)")
+
+
+def hf_embed_scale(needs: Needs, cfg: BlockConfig) -> float:
+    """The factor the Hugging Face class multiplies token embeddings by."""
+    return math.sqrt(cfg.d_model) if needs.embed_scale == "sqrt_d" else 1.0
 
 
 def activation_name(family: Family, mapping: dict, hf_name, option: str = "hidden_act") -> str:
@@ -196,9 +219,16 @@ class Family:
         """Refuse (``ConfigError``) the first field of ``model`` the Hugging Face class cannot express."""
         raise NotImplementedError
 
+    def embed_scale(self, model: nn.Module) -> float:
+        """The factor the Hugging Face class multiplies token embeddings by (1 but for Gemma's sqrt(d))."""
+        return 1.0
+
     def hf_config(self, model: nn.Module, origin_config) -> dict:
         """The Hugging Face config fields that describe ``model`` (``origin_config``: the source's, or None)."""
         raise NotImplementedError
+
+    def finish(self, model: nn.Module, config) -> None:
+        """Anything beyond the spec and the weights ``from_hf`` sets on the converted model."""
 
     def build_hf(self, transformers, config, origin: HFOrigin | None):
         return getattr(transformers, self.hf_class)(config)
@@ -271,6 +301,7 @@ def from_hf(hf_model) -> nn.Module:
         source = generation if generation is not None else config
         model.eos_token_id = copy.deepcopy(getattr(source, "eos_token_id", None))
         model.pad_token_id = getattr(source, "pad_token_id", None)
+    family.finish(model, config)
     model.hf_origin = HFOrigin(copy.deepcopy(config), extra, copy.deepcopy(generation))
     return model.train(hf_model.training)
 
@@ -299,6 +330,8 @@ def pick_family(model: nn.Module, family: str | None) -> Family:
         by_config = {f.config_class: f for f in FAMILIES.values()}
         if type(origin.config).__name__ in by_config:
             return by_config[type(origin.config).__name__]
+    if model.spec.positions == "rope" and model.cfg.placement == "sandwich":
+        return FAMILIES["gemma2"]
     if model.spec.positions == "rope":
         olmo_like = model.cfg.placement == "output" or model.cfg.qk_norm == "full"
         return FAMILIES["olmo2" if olmo_like else "llama"]
@@ -334,8 +367,8 @@ def to_hf(model: nn.Module, *, family: str | None = None):
         pieces = source[link.tformer].split([t.shape[0] for t in targets])
         for key, piece in zip(link.hf, pieces):
             state[key] = _hf_layout(piece, link.transposed)
-    scale = getattr(model.embedding, "scale", 1.0)
-    if scale != 1.0:  # tformer multiplies token embeddings by it; Hugging Face classes do not
+    scale = getattr(model.embedding, "scale", 1.0) / fam.embed_scale(model)
+    if scale != 1.0:  # tformer multiplies token embeddings by its scale, the Hugging Face class by its own
         state[fam.token_embedding] = state[fam.token_embedding] * scale
     if origin is not None:
         state.update({k: v for k, v in origin.extra_weights.items() if k in hf_state})

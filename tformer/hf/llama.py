@@ -13,8 +13,8 @@ from .core import (Family, Needs, activation_name, check_model, kept_activation,
                    register, rope_base_of, rope_fields)
 
 #: Hugging Face ``hidden_act`` of a gated MLP -> tformer's gated activation.
-GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
-TO_HF_GATED = {"swiglu": "silu", "geglu": "gelu"}
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}
+TO_HF_GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh"}
 
 
 @register
@@ -38,9 +38,8 @@ class Llama(Family):
     def tformer_model(self, config):
         self.check_config(config)
         head_dim = getattr(config, "head_dim", None)
-        if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
-            raise refuse_hf(self, "head_dim", head_dim, f"tformer's heads are hidden_size / num_attention_heads = "
-                                                        f"{config.hidden_size // config.num_attention_heads} wide")
+        if head_dim is not None and head_dim * config.num_attention_heads == config.hidden_size:
+            head_dim = None  # the default width: the spec stays the one a hand-written config gives
         activation = activation_name(self, GATED_ACTIVATIONS, config.hidden_act)
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         cfg = BlockConfig(
@@ -51,7 +50,7 @@ class Llama(Family):
             ffn_bias=self.mlp_bias(config) or None,  # None: follows bias=False, as a config written by hand says it
             norm_eps=float(config.rms_norm_eps), init="gpt2", qk_norm=self.qk_norm,
             n_kv_heads=None if kv_heads == config.num_attention_heads else kv_heads,
-            rope_base=rope_base_of(self, config),
+            rope_base=rope_base_of(self, config), head_dim=head_dim,
         )
         return LanguageModel, dict(cfg=cfg, n_layers=config.num_hidden_layers, vocab_size=config.vocab_size,
                                    max_seq_len=config.max_position_embeddings, positions="rope")
@@ -87,7 +86,8 @@ class Llama(Family):
 
     def needs(self) -> Needs:
         return Needs(model_class=LanguageModel, norm="rmsnorm", placement=self.placement, activations=TO_HF_GATED,
-                     norm_bias=None, attn_bias=None, ffn_bias=None, qk_norm=self.qk_norm, gqa=True, positions="rope")
+                     norm_bias=None, attn_bias=None, ffn_bias=None, qk_norm=self.qk_norm, gqa=True, positions="rope",
+                     head_dim=True)
 
     def check(self, model):
         check_model(self, model, self.needs())
@@ -108,7 +108,7 @@ class Llama(Family):
 
     def extra_hf_fields(self, model) -> dict:
         """Fields only Llama's config has."""
-        return {"head_dim": model.cfg.head_dim, "mlp_bias": model.cfg.use_ffn_bias, "pretraining_tp": 1}
+        return {"head_dim": model.cfg.head_size, "mlp_bias": model.cfg.use_ffn_bias, "pretraining_tp": 1}
 
     def transformers_config_class(self):
         from .core import import_transformers

@@ -37,4 +37,5 @@ class Olmo2(Llama):
         return dataclasses.replace(super().needs(), ffn_bias=False)
 
     def extra_hf_fields(self, model) -> dict:
-        return {}
+        # Olmo2Config has no head_dim field, but its attention reads one when the config carries it
+        return {} if model.cfg.head_dim is None else {"head_dim": model.cfg.head_dim}

@@ -37,6 +37,27 @@ def _val_metrics(loss: float) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
+HF_PREFIX = "hf:"
+
+
+def _load_hf_causal_lm(source: str, key: str) -> nn.Module:
+    """``from_hf`` of the Hugging Face causal LM saved in ``source`` (a directory of ``save_pretrained``, or a
+    hub id when the hub is reachable), in float32; any failure as a ``ConfigError`` naming ``key``."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ConfigError(f"model.init_from={key!r} needs Hugging Face transformers: pip install \"tformer[hf]\"") \
+            from error
+    from ..hf import from_hf
+
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"model.init_from={key!r}: Hugging Face could not load a causal LM from {source!r}: "
+                          f"{error}") from error
+    return from_hf(hf_model)
+
+
 class LanguageModelTask:
     """Byte-level language modelling on the embedded corpus or a user's text file."""
 
@@ -47,13 +68,16 @@ class LanguageModelTask:
         self.seq_len = data["seq_len"]
         self.init_from = config["model"]["init_from"]
         max_seq_len = config["model"]["max_seq_len"]
+        self._start: LanguageModel | None = None
         if self.init_from:
-            spec = self._initial_model().spec
+            self._start = self._initial_model()
+            spec = self._start.spec
             max_seq_len = spec.max_seq_len
             if spec.vocab_size != self.tokenizer.vocab_size:
                 raise ConfigError(
                     f"model.init_from={self.init_from!r} has vocab_size={spec.vocab_size}, but the data's tokenizer has "
-                    f"{self.tokenizer.vocab_size} ids"
+                    f"{self.tokenizer.vocab_size} ids (the byte tokenizer: a model trained with another tokenizer "
+                    f"needs its own, which recipes do not read yet)"
                 )
         if self.seq_len > max_seq_len:
             raise ConfigError(f"data.seq_len={self.seq_len} exceeds the model's max_seq_len={max_seq_len}")
@@ -65,7 +89,10 @@ class LanguageModelTask:
     def _initial_model(self) -> LanguageModel:
         from ..checkpoint import load
 
-        model = load(self.init_from)  # CheckpointError for a missing or damaged file, naming it
+        if self.init_from.startswith(HF_PREFIX):
+            model = _load_hf_causal_lm(self.init_from.removeprefix(HF_PREFIX), self.init_from)
+        else:
+            model = load(self.init_from)  # CheckpointError for a missing or damaged file, naming it
         if not isinstance(model, LanguageModel):
             raise ConfigError(f"model.init_from={self.init_from!r} holds a {type(model).__name__}; an LM recipe "
                               f"starts from a LanguageModel checkpoint")
@@ -75,7 +102,8 @@ class LanguageModelTask:
         """The recipe's model, or with ``model.init_from`` that checkpoint's model and weights (its
         architecture wins: the other ``model.*`` keys are not used)."""
         if self.init_from:
-            return self._initial_model().train()
+            model, self._start = self._start or self._initial_model(), None
+            return model.train()
         m = self.config["model"]
         return LanguageModel(BlockConfig(**m["block"]), m["n_layers"], self.tokenizer.vocab_size, m["max_seq_len"],
                              positions=m["positions"], tie_embeddings=m["tie_embeddings"])
