@@ -541,6 +541,6 @@ def test_recipe_trained_model_exports_to_transformers_and_fine_tunes_from_there(
                                                         f"out_dir={tmp_path}", "run=nope"]), progress=False)
     small_vocab = tmp_path / "vocab-96"
     perturbed(transformers.LlamaForCausalLM(llama())).save_pretrained(small_vocab)
-    with pytest.raises(tformer.ConfigError, match="vocab_size=96, but the data's tokenizer has 256 ids"):
+    with pytest.raises(tformer.ConfigError, match=r"vocab_size=96, but the data's tokenizer \(data.tokenizer=byte\) has 256 ids"):
         train(load_config(recipe_defaults("lm"), None, [*LLAMA_RECIPE, f"model.init_from=hf:{small_vocab}",
                                                         f"out_dir={tmp_path}", "run=small"]), progress=False)

@@ -157,16 +157,30 @@ def _resolve_checkpoint(path: str) -> Path:
     return p / "model.safetensors" if p.is_dir() else p
 
 
+def _tokenizer_beside(checkpoint: Path):
+    """The tokenizer a run wrote beside its checkpoints (``tokenizer.json`` in the checkpoint's directory or,
+    for a ``step_NNNNNNN/`` checkpoint, its run directory), else bytes."""
+    from tformer.tokenization import TOKENIZER_FILE, tokenizer_for
+
+    for directory in (checkpoint.parent, checkpoint.parent.parent):
+        if (directory / TOKENIZER_FILE).is_file():
+            return tokenizer_for(directory)
+    return tokenizer_for(checkpoint.parent)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     import tformer
-    from tformer.data import ByteTokenizer
 
-    model = tformer.load(_resolve_checkpoint(args.checkpoint))
+    path = _resolve_checkpoint(args.checkpoint)
+    model = tformer.load(path)
     if not isinstance(model, tformer.LanguageModel):
         raise SystemExit(f"tformer generate: {args.checkpoint} holds a {type(model).__name__}, not a LanguageModel")
-    tokenizer = ByteTokenizer()
+    tokenizer = _tokenizer_beside(path)
+    if tokenizer.vocab_size != model.spec.vocab_size:
+        raise SystemExit(f"tformer generate: the model has {model.spec.vocab_size} token ids but the tokenizer beside "
+                         f"it ({tokenizer.name}) has {tokenizer.vocab_size}; is its tokenizer.json missing?")
     prompt = tokenizer.encode(args.prompt)[None, :]
     room = model.embedding.max_seq_len - prompt.shape[1]
     if room < 1:
@@ -198,9 +212,36 @@ def _inspect(args: argparse.Namespace) -> int:
         print("tied weights:    " + ", ".join(f"{a} = {t}" for a, t in meta["aliases"].items()))
     if meta["user"]:
         print("metadata:        " + json.dumps(meta["user"]))
+    tokenizer = _tokenizer_beside(path)
+    print(f"tokenizer:       {tokenizer.name} ({tokenizer.vocab_size} ids)")
     print("spec (constructor arguments):")
     args_text = dump_config(readable_args(description))
     print("".join("  " + line + "\n" for line in args_text.splitlines()), end="")
+    return 0
+
+
+PREPARE_KEYS = {"data.path": None, "data.tokenizer": "byte", "data.vocab_size": 4096, "out": None}
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from tformer.errors import ConfigError
+    from tformer.recipe_config import parse_override
+    from tformer.tokenization import prepare
+
+    values = dict(PREPARE_KEYS)
+    for item in args.items:
+        keys, value = parse_override(item)
+        key = ".".join(keys)
+        if key not in values:
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(PREPARE_KEYS)}")
+        values[key] = value
+    if values["data.path"] is None:
+        raise ConfigError("data.path=FILE_OR_FOLDER is required (a UTF-8 text file, or a folder of *.txt files)")
+    out = values["out"] or f"{str(values['data.path']).rstrip('/')}.tokens"
+    meta = prepare(str(values["data.path"]), str(out), values["data.tokenizer"], values["data.vocab_size"],
+                   progress=not args.quiet)
+    print(f"{out}: {meta['n_tokens']:,} tokens ({meta['tokenizer']}, {meta['vocab_size']} ids, {meta['dtype']}) from "
+          f"{meta['bytes']:,} bytes in {len(meta['files'])} file(s); train with data.path={out}")
     return 0
 
 
@@ -286,11 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "continuation of the prompt with a KV cache.")
     generate.add_argument("checkpoint", help="model.safetensors file or run directory")
     generate.add_argument("--prompt", default="The ", help="text to continue (default: 'The ')")
-    generate.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default: 200)")
+    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     generate.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
     generate.add_argument("--top-k", type=int, default=40, help="sample among the k most likely (0: all; default 40)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     generate.set_defaults(run=_generate)
+
+    prepare = commands.add_parser(
+        "prepare", help="tokenize a text file or folder into a memory-mapped token file for training",
+        description="Tokenize data.path (a UTF-8 text file, or the *.txt files of a folder, in sorted order) in one "
+                    "streaming pass into OUT/tokens.bin (uint16, or uint32 for vocabularies over 65536) and "
+                    "OUT/meta.json (plus OUT/tokenizer.json for BPE, trained on the input in a first pass). "
+                    "Memory stays bounded whatever the input's size. Train from it with data.path=OUT.")
+    prepare.add_argument("items", nargs="*", metavar="key=value",
+                         help="data.path=FILE_OR_FOLDER (required), data.tokenizer=byte|bpe, data.vocab_size=N "
+                              "(bpe; default 4096), out=DIR (default: data.path + '.tokens')")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    prepare.set_defaults(run=_prepare)
 
     inspect = commands.add_parser(
         "inspect", help="print a checkpoint's model class, config, parameter count and metadata",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,6 +50,8 @@ def load_corpus(path: str | os.PathLike | None = None) -> str:
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255."""
 
+    name = "byte"
+
     vocab_size = 256
 
     def encode(self, text: str) -> Tensor:
@@ -58,6 +61,10 @@ class ByteTokenizer:
         if isinstance(tokens, Tensor):
             tokens = tokens.tolist()
         return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_bytes(self, tokens: Tensor) -> int:
+        """How many bytes of text ``tokens`` stand for (bits per byte divide by it)."""
+        return tokens.numel()
 
 
 def split_tokens(tokens: Tensor, val_fraction: float) -> tuple[Tensor, Tensor]:
@@ -81,6 +88,8 @@ def _generator(seed: int, step: int) -> torch.Generator:
 class LMBatches:
     """Random ``seq_len + 1`` windows of ``tokens``: batch ``step`` depends only on ``(seed, step)``.
 
+    ``tokens`` is a tensor or a (memory-mapped) numpy array, from which only the sampled windows are read.
+
     ``batch(step)`` returns ``(inputs, targets)``, each ``(batch_size // world_size, seq_len)``:
     this process's slice (``rank``) of the global batch.
     """
@@ -102,7 +111,11 @@ class LMBatches:
         starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=_generator(self.seed, step))
         per_rank = self.batch_size // self.world_size
         starts = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
-        windows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
+        if isinstance(self.tokens, Tensor):
+            windows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
+        else:  # a memory-mapped token file: read just these windows
+            windows = torch.from_numpy(np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
+                                       .astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import KVCache
@@ -65,6 +66,9 @@ class _Stack(BuiltFromSpec, nn.Module):
             )
         wanted = self.layers[-1].needs_final_norm if final_norm is None else final_norm
         self.final_norm = cfg.norm_factory()() if wanted else None
+        #: recompute each block's activations in backward instead of storing them (training only; the
+        #: trainer's ``train.activation_checkpointing``): same values and gradients, less memory
+        self.activation_checkpointing = False
 
     @property
     def placements(self) -> list[str]:
@@ -74,10 +78,15 @@ class _Stack(BuiltFromSpec, nn.Module):
     def _run(self, x: Tensor, padding_mask: Tensor | None, **block_kwargs) -> Tensor:
         stream = self.layers[0].begin(x)
         cache = block_kwargs.pop("cache", None)
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             if cache is not None:
                 block_kwargs["cache"] = cache.layers[i]
-            stream = block(stream, padding_mask=padding_mask, **block_kwargs)
+            if checkpointed:
+                stream = torch.utils.checkpoint.checkpoint(block, stream, padding_mask=padding_mask, use_reentrant=False,
+                                                           **block_kwargs)
+            else:
+                stream = block(stream, padding_mask=padding_mask, **block_kwargs)
         return self.layers[-1].end(stream, self.final_norm, padding_mask)
 
 

@@ -71,3 +71,13 @@ def divergence_message(step: int, loss: Tensor, model: nn.Module, rerun, run_dir
     latest = run_dir / "latest.json"
     kept = f"the last good checkpoint is kept in {run_dir}" if latest.exists() else "no checkpoint had been written yet"
     return "; ".join(parts) + f"; {kept}"
+
+
+def scaler_stuck_message(step: int, skips: int, scale: float, model: nn.Module, run_dir: Path) -> str:
+    """The fp16 gradient scaler skipped ``skips`` steps in a row: the gradients overflow at every scale."""
+    bad_grads = nonfinite_gradient_blocks(model)
+    where = f"; gradients first go non-finite at {bad_grads[0]}" if bad_grads else ""
+    latest = run_dir / "latest.json"
+    kept = f"the last good checkpoint is kept in {run_dir}" if latest.exists() else "no checkpoint had been written yet"
+    return (f"training diverged at step {step}: the fp16 gradient scaler skipped the last {skips} steps (loss scale "
+            f"now {scale:g}), so the gradients are non-finite however small the scale{where}; {kept}")

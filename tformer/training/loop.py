@@ -9,7 +9,6 @@ checkpoints (rank 0 alone writes).
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..recipe_config import dump_config
-from .diagnosis import TrainingDiverged, divergence_message
+from .diagnosis import TrainingDiverged, divergence_message, scaler_stuck_message
 from .distributed import Dist, process_group, resolve_device
+from .engine import MAX_CONSECUTIVE_SKIPS, StepEngine, split_batch
 from .optimization import build_optimizer, build_scheduler
 from .run_logs import MetricsLog, Throughput, monitoring, progress_bar
 from .tasks import TASKS
@@ -65,6 +65,7 @@ class _Run:
     scheduler: object
     metrics: MetricsLog
     result: RunResult
+    engine: StepEngine
 
 
 def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, stop_at: int | None) -> RunResult:
@@ -75,13 +76,14 @@ def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, s
     optimizer = build_optimizer(model, config["train"])
     scheduler = build_scheduler(optimizer, config["train"])
     run_dir = Path(config["out_dir"]) / config["run"]
-    start = resume(config, run_dir, model, optimizer, scheduler)
+    trained = model if world.world_size == 1 else nn.parallel.DistributedDataParallel(model)
+    engine = StepEngine(model, trained, optimizer, task, config["train"], device)
+    start = resume(config, run_dir, model, optimizer, scheduler, engine)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, start if start else None)
-    trained = model if world.world_size == 1 else nn.parallel.DistributedDataParallel(model)
-    run = _Run(config, world, task, model, trained, optimizer, scheduler, metrics, RunResult(run_dir, start))
+    run = _Run(config, world, task, model, trained, optimizer, scheduler, metrics, RunResult(run_dir, start), engine)
     log = config["log"]
     with monitoring(log["monitor"] and world.is_main, model, optimizer, log["monitor_every"], run_dir, start):
         _loop(run, start, show_progress, stop_at)
@@ -92,21 +94,36 @@ def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> No
     steps, log = run.config["train"]["steps"], run.config["log"]
     bar = progress_bar(steps, start, run.config["run"], show_progress and run.world.is_main)
     throughput = Throughput()
+    compile_reported = False
     step = start
+    engine = run.engine
     while step < steps:
         batch = run.task.batch(step)
-        loss, grad_norm = _backward(run, batch)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        loss, grad_norm = engine.gradients(batch)
+        if not engine.skips(loss, grad_norm) and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             _stop_diverged(run, step + 1, loss, batch, bar)
-        run.optimizer.step()
+        engine.update()
+        if engine.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            _stop(run, step + 1, scaler_stuck_message(step + 1, engine.consecutive_skips, engine.scaler.get_scale(),
+                                                      run.model, run.result.run_dir), bar)
         run.scheduler.step()
         step += 1
         throughput.count(run.task.tokens(batch) * run.world.world_size)
         if _due(step, log["every"], steps):
             row = {"step": step, "loss": run.world.mean(loss).item(), "lr": run.scheduler.get_last_lr()[0],
                    "grad_norm": grad_norm.item(), "tokens_per_s": throughput.rate()}
+            if engine.scaler is not None:
+                row.update(loss_scale=engine.scaler.get_scale(), skipped_steps=engine.skipped_steps)
+            if engine.compile_seconds is not None and not compile_reported:
+                row["compile_s"] = engine.compile_seconds
+                compile_reported = True
             run.metrics.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            postfix = dict(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if engine.compile_seconds:
+                postfix["compile"] = f"{engine.compile_seconds:.1f}s"
+            if engine.skipped_steps:
+                postfix["skipped"] = str(engine.skipped_steps)
+            bar.set_postfix(**postfix)
         if _due(step, log["eval_every"], steps):
             run.model.eval()
             evaluation = {"step": step, **run.task.evaluate(run.model)}
@@ -114,7 +131,7 @@ def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> No
             run.metrics.write(evaluation)
         if run.world.is_main and log["checkpoint_every"] > 0 and _due(step, log["checkpoint_every"], steps):
             save_training_state(run.result.run_dir, step, run.model, run.optimizer, run.scheduler, run.config,
-                                log["keep_checkpoints"])
+                                log["keep_checkpoints"], run.engine.state_dict())
         bar.update(1)
         run.result.steps = step
         if stop_at is not None and step >= stop_at:
@@ -126,19 +143,15 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def _backward(run: _Run, batch) -> tuple[Tensor, Tensor]:
-    """Loss on ``batch``, its gradients (clipped to ``train.grad_clip``; 0: unclipped) and their norm."""
-    run.model.train()
-    loss = run.task.loss(run.trained, batch)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip = run.config["train"]["grad_clip"]
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip if clip > 0 else math.inf)
-    return loss, grad_norm
-
-
 def _stop_diverged(run: _Run, step: int, loss: Tensor, batch, bar) -> None:
-    message = divergence_message(step, loss, run.model, lambda: run.task.loss(run.model, batch), run.result.run_dir)
+    def rerun():
+        for micro in split_batch(batch, run.engine.accum):
+            run.engine.loss(run.model, micro)
+
+    _stop(run, step, divergence_message(step, loss, run.model, rerun, run.result.run_dir), bar)
+
+
+def _stop(run: _Run, step: int, message: str, bar) -> None:
     run.metrics.write({"step": step, "diverged": message})
     bar.close()
     run.result.diverged = message

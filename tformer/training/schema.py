@@ -34,6 +34,10 @@ _COMMON = {
         "schedule": "inverse_sqrt",
         "warmup_steps": 100,
         "min_lr_ratio": 0.0,
+        "precision": "fp32",
+        "compile": False,
+        "grad_accum": 1,
+        "activation_checkpointing": False,
     },
     "log": {"every": 10, "eval_every": 100, "checkpoint_every": 500, "keep_checkpoints": 2, "progress": True,
             "monitor": False, "monitor_every": 10},
@@ -44,7 +48,8 @@ LM_DEFAULTS = {
     **_COMMON,
     "model": {"n_layers": 4, "max_seq_len": 256, "positions": "learned", "tie_embeddings": True,
               "block": dict(_BLOCK_DEFAULTS), "init_from": ""},
-    "data": {"path": "python_docs", "seq_len": 128, "val_fraction": 0.1, "eval_windows": 64},
+    "data": {"path": "python_docs", "seq_len": 128, "val_fraction": 0.1, "eval_windows": 64, "tokenizer": "byte",
+             "vocab_size": 4096},
 }
 
 SEQ2SEQ_DEFAULTS = {

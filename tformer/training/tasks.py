@@ -9,16 +9,19 @@ training loop, ``tformer analyze scales`` and the reproductions alike.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlockConfig
-from ..data import ByteTokenizer, LMBatches, Seq2SeqTask, corpus_splits, eval_windows
+from ..data import LMBatches, Seq2SeqTask, eval_windows
+from ..tokenization import lm_token_splits
 from ..errors import ConfigError
 from ..models import EncoderDecoder, LanguageModel
 from .distributed import Dist
+from .engine import check_grad_accum
 
 
 def token_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -40,6 +43,19 @@ def _val_metrics(loss: float) -> dict:
 HF_PREFIX = "hf:"
 
 
+def step_batch_size(train: dict, world: Dist) -> int:
+    """Sequences per optimizer step over all processes: ``batch_size * grad_accum``, where ``batch_size``
+    is one forward/backward over all processes (so it must split evenly over them)."""
+    batch_size, accum = train["batch_size"], train["grad_accum"]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"train.batch_size={batch_size!r} must be a positive integer")
+    check_grad_accum(accum)
+    if batch_size % world.world_size:
+        raise ConfigError(f"train.batch_size={batch_size} (one forward/backward over all processes) must divide evenly "
+                          f"over {world.world_size} processes")
+    return batch_size * accum
+
+
 def _load_hf_causal_lm(source: str, key: str) -> nn.Module:
     """``from_hf`` of the Hugging Face causal LM saved in ``source`` (a directory of ``save_pretrained``, or a
     hub id when the hub is reachable), in float32; any failure as a ``ConfigError`` naming ``key``."""
@@ -59,12 +75,13 @@ def _load_hf_causal_lm(source: str, key: str) -> nn.Module:
 
 
 class LanguageModelTask:
-    """Byte-level language modelling on the embedded corpus or a user's text file."""
+    """Language modelling on the embedded corpus, a user's text file or a prepared token directory, with
+    the byte tokenizer or a BPE (``tformer.tokenization``); evaluation reports bits per byte as well."""
 
     def __init__(self, config: dict, world: Dist, device: torch.device):
         data = config["data"]
-        self.tokenizer = ByteTokenizer()
-        train_tokens, val_tokens = corpus_splits(data["path"], data["val_fraction"])
+        run_dir = Path(config["out_dir"]) / config["run"]
+        self.tokenizer, train_tokens, val_tokens = lm_token_splits(data, run_dir, world.is_main)
         self.seq_len = data["seq_len"]
         self.init_from = config["model"]["init_from"]
         max_seq_len = config["model"]["max_seq_len"]
@@ -75,15 +92,16 @@ class LanguageModelTask:
             max_seq_len = spec.max_seq_len
             if spec.vocab_size != self.tokenizer.vocab_size:
                 raise ConfigError(
-                    f"model.init_from={self.init_from!r} has vocab_size={spec.vocab_size}, but the data's tokenizer has "
-                    f"{self.tokenizer.vocab_size} ids (the byte tokenizer: a model trained with another tokenizer "
-                    f"needs its own, which recipes do not read yet)"
+                    f"model.init_from={self.init_from!r} has vocab_size={spec.vocab_size}, but the data's tokenizer "
+                    f"(data.tokenizer={self.tokenizer.name}) has {self.tokenizer.vocab_size} ids: a model trained with "
+                    f"another tokenizer needs that tokenizer, which recipes read only as their own BPE"
                 )
         if self.seq_len > max_seq_len:
             raise ConfigError(f"data.seq_len={self.seq_len} exceeds the model's max_seq_len={max_seq_len}")
-        self.batches = LMBatches(train_tokens, config["train"]["batch_size"], self.seq_len, config["seed"],
+        self.batches = LMBatches(train_tokens, step_batch_size(config["train"], world), self.seq_len, config["seed"],
                                  world.rank, world.world_size)
         self.val = eval_windows(val_tokens, self.seq_len, data["eval_windows"])
+        self.val_bytes = self.tokenizer.token_bytes(self.val[1])
         self.config, self.device = config, device
 
     def _initial_model(self) -> LanguageModel:
@@ -117,13 +135,20 @@ class LanguageModelTask:
     def tokens(self, batch) -> int:
         return batch[0].numel()
 
+    def loss_tokens(self, batch) -> int:
+        """How many target tokens ``loss`` averages over (weights micro-batches under accumulation)."""
+        return batch[1].numel()
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
         inputs, targets = (t.to(self.device) for t in self.val)
         total = 0.0
         for i in range(0, len(inputs), 16):
             total += self.loss(model, (inputs[i : i + 16], targets[i : i + 16])).item() * len(inputs[i : i + 16])
-        return _val_metrics(total / len(inputs))
+        metrics = _val_metrics(total / len(inputs))
+        # summed nats over the validation targets / (ln 2 x the bytes they cover): comparable across tokenizers
+        metrics["bits_per_byte"] = total * targets.shape[1] / (math.log(2) * self.val_bytes)
+        return metrics
 
 
 class SequenceToSequenceTask:
@@ -132,7 +157,7 @@ class SequenceToSequenceTask:
     def __init__(self, config: dict, world: Dist, device: torch.device):
         data = config["data"]
         self.data = Seq2SeqTask(data["task"], data["vocab_size"], data["min_len"], data["max_len"],
-                                config["train"]["batch_size"], config["seed"], world.rank, world.world_size)
+                                step_batch_size(config["train"], world), config["seed"], world.rank, world.world_size)
         self.val = self.data.validation(data["eval_examples"])
         self.config, self.device = config, device
 
@@ -152,6 +177,9 @@ class SequenceToSequenceTask:
 
     def tokens(self, batch) -> int:
         return int((~batch[4]).sum()) + int((~batch[3]).sum())
+
+    def loss_tokens(self, batch) -> int:
+        return int((~batch[4]).sum())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:

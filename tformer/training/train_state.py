@@ -51,7 +51,7 @@ def unflatten_optimizer(tensors: dict[str, Tensor], plain: dict) -> dict:
 
 
 def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, config: dict,
-                        keep: int) -> Path:
+                        keep: int, engine_state: dict | None = None) -> Path:
     """Write ``step_NNNNNNN/`` (model, optimizer, RNG, JSON state) atomically, then point ``latest.json`` at it."""
     name = f"step_{step:07d}"
     final, tmp = run_dir / name, run_dir / f".{name}.tmp"
@@ -65,7 +65,7 @@ def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, s
             tensors[f"rng.cuda.{i}"] = state
     checkpoint.atomic_write(tmp / "train_state.safetensors", lambda p: save_file(tensors, p))
     state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": plain_optimizer,
-             "python_random": _jsonable(random.getstate()), "config": config}
+             "python_random": _jsonable(random.getstate()), "config": config, "engine": engine_state or {}}
     checkpoint.atomic_write(tmp / "train_state.json", lambda p: Path(p).write_text(json.dumps(state)))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -86,7 +86,7 @@ def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
-def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler) -> tuple[int, dict]:
+def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler, engine=None) -> tuple[int, dict]:
     """Restore the checkpoint ``latest.json`` points at; returns ``(step, saved config)``."""
     try:
         latest = json.loads((run_dir / "latest.json").read_text())
@@ -110,6 +110,8 @@ def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler) -
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     random.setstate(_tupled(state["python_random"]))
+    if engine is not None:
+        engine.load_state_dict(state.get("engine", {}))  # gradient scaler, skipped-step counts
     return state["step"], state["config"]
 
 
@@ -122,7 +124,7 @@ def _with_defaults(saved: dict, section: str) -> dict:
         return saved[section]
 
 
-def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler) -> int:
+def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler, engine=None) -> int:
     """The step to start from: 0, or (with ``resume: true`` and a ``latest.json``) the restored checkpoint's.
 
     The checkpoint must hold the same task and model as ``config``; the rest of ``config`` wins,
@@ -130,7 +132,7 @@ def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler) 
     """
     if not (config["resume"] and (run_dir / "latest.json").exists()):
         return 0
-    step, saved_config = load_training_state(run_dir, model, optimizer, scheduler)
+    step, saved_config = load_training_state(run_dir, model, optimizer, scheduler, engine)
     if _with_defaults(saved_config, "model") != config["model"] or saved_config["task"] != config["task"]:
         raise ConfigError(f"{run_dir} holds a run with a different model; pick another run name or resume=false")
     replan_schedule(scheduler, optimizer, config["train"])
