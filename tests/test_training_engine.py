@@ -85,6 +85,8 @@ def test_bf16_trains_close_to_fp32_and_logs_bits_per_byte(tmp_path):
         assert result.final["bits_per_byte"] == pytest.approx(result.final["val_loss"] / math.log(2), rel=1e-9)
     train_rows = [r for r in rows(tmp_path, "bf16") if "loss" in r]
     assert all(r["tokens_per_s"] > 0 for r in train_rows)
+    fp32_rows = [r for r in rows(tmp_path, "fp32") if "loss" in r]
+    assert all(0 < r["mfu"] < 1 for r in fp32_rows[1:])  # model FLOPs over a matmul peak measured at start-up
     assert tformer.load(tmp_path / "bf16" / "model.safetensors").embedding.tokens.weight.dtype == torch.float32
 
 
@@ -211,3 +213,50 @@ def test_activation_checkpointing_in_a_recipe_matches(tmp_path):
     run(tmp_path, "plain", *common)
     run(tmp_path, "ckpt", *common, "train.activation_checkpointing=true")
     assert_same_weights(weights(tmp_path, "plain"), weights(tmp_path, "ckpt"), atol=1e-6)
+
+
+def test_mfu_counts_the_model_flops_per_token():
+    """6 x the matmul weights (projections, feed-forward, head) + 12 x layers x d_attn x seq_len (PaLM)."""
+    from tformer.training.distributed import Dist
+    from tformer.training.tasks import LanguageModelTask
+
+    config = load_config(recipe_defaults("lm"), None, [*TINY_LM, "out_dir=/nonexistent", "train.batch_size=4"])
+    task = LanguageModelTask(config, Dist(), torch.device("cpu"))
+    model = task.build_model()
+    d, d_ff, layers, vocab, seq = 32, 64, 2, 256, 32
+    matmul = layers * (3 * d * d + d * d + 2 * d * d_ff) + d * vocab  # qkv, out, ffn w1/w2, the (tied) head
+    assert task.flops_per_token(model) == 6 * matmul + 12 * layers * d * seq
+
+
+def test_the_100m_recipe_is_100m_parameters_of_the_documented_shape():
+    from tformer.recipe_config import load_config as load
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    config = load(recipe_defaults("lm"), root / "recipes" / "configs" / "lm_100m.yaml")
+    m, t = config["model"], config["train"]
+    with torch.device("meta"):
+        model = tformer.LanguageModel(tformer.BlockConfig(**m["block"]), m["n_layers"], config["data"]["vocab_size"],
+                                      m["max_seq_len"], positions=m["positions"], tie_embeddings=m["tie_embeddings"])
+    assert 95e6 < sum(p.numel() for p in model.parameters()) < 105e6
+    assert (model.cfg.norm, model.cfg.placement, model.cfg.activation, model.spec.positions) == (
+        "rmsnorm", "pre", "swiglu", "rope")
+    assert (t["precision"], t["compile"], t["parallel"], t["activation_checkpointing"]) == ("bf16", True, "fsdp", True)
+    assert t["grad_accum"] > 1
+
+
+@pytest.mark.slow
+def test_the_100m_recipe_runs_quick_on_this_machine(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "recipes" / "train_lm_100m.py"), "--quick", f"out_dir={tmp_path}",
+                           "log.progress=false"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = tformer.load(tmp_path / "lm_100m_quick" / "model.safetensors")
+    assert model.spec.n_layers == 12 and model.cfg.d_model == 768 and model.spec.vocab_size == 4096
+    train_rows = [r for r in rows(tmp_path, "lm_100m_quick") if "loss" in r]
+    assert len(train_rows) == 3 and all(math.isfinite(r["loss"]) and r["mfu"] > 0 for r in train_rows)

@@ -185,8 +185,8 @@ class TrainingMonitor:
             return
         for g in self.groups:
             if g.weight.grad is not None:
-                self._captured.append(_group_row(g, "grad_norm", g.view(g.weight.grad).norm().item()))
-            self._snapshot[id(g)] = g.view(g.weight.detach()).clone()
+                self._captured.append(_group_row(g, "grad_norm", g.view(_full(g.weight.grad)).norm().item()))
+            self._snapshot[id(g)] = g.view(_full(g.weight.detach())).clone()
 
     def _after_step(self) -> None:
         self.step_count += 1
@@ -196,7 +196,7 @@ class TrainingMonitor:
                 for g in self.groups:
                     before = self._snapshot.get(id(g))
                     if before is not None:
-                        after = g.view(g.weight.detach())
+                        after = g.view(_full(g.weight.detach()))
                         ratio = (after - before).norm().item() / max(before.norm().item(), 1e-12)
                         rows.append(_group_row(g, "update_ratio", ratio))
             if self.gns and self._per_example:
@@ -229,6 +229,13 @@ class TrainingMonitor:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def _full(t: Tensor) -> Tensor:
+    """A sharded (FSDP2 DTensor) parameter or gradient gathered whole, on every rank; any other as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _first(t: Tensor | None) -> Tensor | None:

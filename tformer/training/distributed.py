@@ -71,3 +71,72 @@ def process_group(world: Dist, device: torch.device):
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def check_parallel(train: dict, device: torch.device) -> None:
+    from ..errors import ConfigError
+
+    if train["parallel"] not in PARALLEL:
+        raise ConfigError(f"train.parallel={train['parallel']!r}; valid choices: {', '.join(map(repr, PARALLEL))}")
+    if train["cpu_offload"] and (train["parallel"] != "fsdp" or device.type != "cuda"):
+        raise ConfigError("train.cpu_offload=true moves FSDP's parameter shards to CPU memory between uses: it needs "
+                          f"train.parallel=fsdp on CUDA (this run: parallel={train['parallel']!r} on {device.type})")
+
+
+def fsdp_precision(train: dict):
+    """FSDP's own mixed-precision policy for ``train.precision`` (None for fp32): parameters gathered in
+    bf16/fp16 for compute, gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train["precision"])
+    return None if dtype is None else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def wrap_model(model, world: Dist, device: torch.device, train: dict):
+    """The module the training step runs: the model itself in one process; under several processes a
+    DistributedDataParallel wrapper (``train.parallel=ddp``), or the model with every Transformer block
+    and then the whole model sharded by FSDP2's ``fully_shard`` (``fsdp``), in place."""
+    check_parallel(train, device)
+    if world.world_size == 1:
+        return model
+    if train["parallel"] == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    from ..blocks import TransformerBlock
+
+    mesh = init_device_mesh(device.type, (world.world_size,))
+    options = {"mesh": mesh}
+    policy = fsdp_precision(train)
+    if policy is not None:
+        options["mp_policy"] = policy
+    if train["cpu_offload"]:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            fully_shard(module, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_value(t: Tensor) -> Tensor:
+    """A DTensor's full value (a collective: every rank must call it), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def barrier(world: Dist) -> None:
+    if world.world_size > 1 and dist.is_initialized():
+        dist.barrier()

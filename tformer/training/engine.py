@@ -62,7 +62,11 @@ class StepEngine:
         check_precision(train["precision"], device)
         check_grad_accum(train["grad_accum"])
         self.model, self.optimizer, self.task, self.device = model, optimizer, task, device
-        self.dtype = PRECISIONS[train["precision"]]
+        from .distributed import is_sharded
+
+        self.sharded = is_sharded(model)
+        # FSDP applies the precision through its own policy (parameters gathered in bf16/fp16): no autocast then
+        self.dtype = None if self.sharded else PRECISIONS[train["precision"]]
         self.accum = train["grad_accum"]
         self.clip = train["grad_clip"]
         self.scaler = torch.amp.GradScaler(device.type) if train["precision"] == "fp16" else None
@@ -121,15 +125,27 @@ class StepEngine:
         total = torch.zeros((), device=self.device)
         for i, (part, weight) in enumerate(zip(micro, weights)):
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.trained, "no_sync") else self.trained.no_sync()
-            with sync:
+            with self._gradient_sync(last):  # the inner micro-batches only accumulate locally
                 loss = self.loss(self.forward_model, part) * (weight / total_weight)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else math.inf)
-        return total, grad_norm
+        from .distributed import full_value
+
+        return total, full_value(grad_norm)
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool):
+        if self.sharded:  # FSDP2: reduce-scatter the gradients only on the last micro-batch
+            self.trained.set_requires_gradient_sync(sync)
+            yield
+        elif not sync and hasattr(self.trained, "no_sync"):  # DDP
+            with self.trained.no_sync():
+                yield
+        else:
+            yield
 
     def skips(self, loss: Tensor, grad_norm: Tensor) -> bool:
         """Whether the gradient scaler will skip this step (finite loss, overflowed fp16 gradients)."""

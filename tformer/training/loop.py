@@ -1,7 +1,7 @@
 """The training loop: ``train(config)`` runs a recipe from its first (or resumed) step to its last.
 
 Setup builds the task, model, optimizer and schedule, resumes from the run directory when it
-can, and wraps the model in DistributedDataParallel when several processes run. Each step then
+can, and wraps the model in DistributedDataParallel or shards it with FSDP2 when several processes run. Each step then
 computes the loss on batch ``step``, back-propagates, clips, stops with ``TrainingDiverged`` at
 a non-finite loss or gradient, updates, and on its cadence logs a metrics row, evaluates and
 checkpoints (rank 0 alone writes).
@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from ..recipe_config import dump_config
 from .diagnosis import TrainingDiverged, divergence_message, scaler_stuck_message
-from .distributed import Dist, process_group, resolve_device
+from .distributed import Dist, process_group, resolve_device, wrap_model
 from .engine import MAX_CONSECUTIVE_SKIPS, StepEngine, split_batch
 from .optimization import build_optimizer, build_scheduler
-from .run_logs import MetricsLog, Throughput, monitoring, progress_bar
+from .run_logs import MetricsLog, Throughput, measured_peak_flops, monitoring, progress_bar
 from .tasks import TASKS
 from .train_state import resume, save_training_state
 
@@ -60,7 +60,7 @@ class _Run:
     world: Dist
     task: object
     model: nn.Module
-    trained: nn.Module  # the model, or its DistributedDataParallel wrapper
+    trained: nn.Module  # the model (FSDP-sharded in place), or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scheduler: object
     metrics: MetricsLog
@@ -73,10 +73,10 @@ def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, s
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
     model = task.build_model().to(device)
+    trained = wrap_model(model, world, device, config["train"])  # FSDP shards in place: before the optimizer
     optimizer = build_optimizer(model, config["train"])
     scheduler = build_scheduler(optimizer, config["train"])
     run_dir = Path(config["out_dir"]) / config["run"]
-    trained = model if world.world_size == 1 else nn.parallel.DistributedDataParallel(model)
     engine = StepEngine(model, trained, optimizer, task, config["train"], device)
     start = resume(config, run_dir, model, optimizer, scheduler, engine)
     if world.is_main:
@@ -85,7 +85,9 @@ def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, s
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, start if start else None)
     run = _Run(config, world, task, model, trained, optimizer, scheduler, metrics, RunResult(run_dir, start), engine)
     log = config["log"]
-    with monitoring(log["monitor"] and world.is_main, model, optimizer, log["monitor_every"], run_dir, start):
+    # sharded gradients are gathered for the monitor by every process (a collective); only rank 0 writes
+    watchers = log["monitor"] and (world.is_main or engine.sharded)
+    with monitoring(watchers, model, optimizer, log["monitor_every"], run_dir, start, write=world.is_main):
         _loop(run, start, show_progress, stop_at)
     return run.result
 
@@ -95,6 +97,8 @@ def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> No
     bar = progress_bar(steps, start, run.config["run"], show_progress and run.world.is_main)
     throughput = Throughput()
     compile_reported = False
+    flops_per_token = run.task.flops_per_token(run.model)
+    peak = _peak_flops(run) if flops_per_token else None
     step = start
     engine = run.engine
     while step < steps:
@@ -112,6 +116,8 @@ def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> No
         if _due(step, log["every"], steps):
             row = {"step": step, "loss": run.world.mean(loss).item(), "lr": run.scheduler.get_last_lr()[0],
                    "grad_norm": grad_norm.item(), "tokens_per_s": throughput.rate()}
+            if peak:
+                row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * run.world.world_size)
             if engine.scaler is not None:
                 row.update(loss_scale=engine.scaler.get_scale(), skipped_steps=engine.skipped_steps)
             if engine.compile_seconds is not None and not compile_reported:
@@ -119,6 +125,8 @@ def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> No
                 compile_reported = True
             run.metrics.write(row)
             postfix = dict(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if "mfu" in row:
+                postfix["mfu"] = f"{row['mfu']:.1%}"
             if engine.compile_seconds:
                 postfix["compile"] = f"{engine.compile_seconds:.1f}s"
             if engine.skipped_steps:
@@ -129,14 +137,25 @@ def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> No
             evaluation = {"step": step, **run.task.evaluate(run.model)}
             run.result.evals.append(evaluation)
             run.metrics.write(evaluation)
-        if run.world.is_main and log["checkpoint_every"] > 0 and _due(step, log["checkpoint_every"], steps):
+        sharded = run.config["train"]["parallel"] == "fsdp"  # every process writes its shards
+        if (run.world.is_main or sharded) and log["checkpoint_every"] > 0 and _due(step, log["checkpoint_every"], steps):
             save_training_state(run.result.run_dir, step, run.model, run.optimizer, run.scheduler, run.config,
-                                log["keep_checkpoints"], run.engine.state_dict())
+                                log["keep_checkpoints"], run.engine.state_dict(), run.world, sharded)
         bar.update(1)
         run.result.steps = step
         if stop_at is not None and step >= stop_at:
             break
     bar.close()
+
+
+def _peak_flops(run: _Run) -> float:
+    """Per-process peak FLOP/s for MFU: ``train.peak_tflops``, or a matmul measured now in the run's dtype."""
+    given = run.config["train"]["peak_tflops"]
+    if given:
+        return float(given) * 1e12
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.config["train"]["precision"], torch.float32)
+    device = next(run.model.parameters()).device
+    return measured_peak_flops(device, dtype)
 
 
 def _due(step: int, every: int, last: int) -> bool:

@@ -45,6 +45,41 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
                 mininterval=0.1 if sys.stderr.isatty() else 5.0)
 
 
+_PEAKS: dict[tuple[str, str], float] = {}
+
+
+def measured_peak_flops(device, dtype) -> float:
+    """FLOP/s of a square matmul on ``device`` in ``dtype`` (median of 3; cached per process): the denominator of
+    model FLOPs utilization when ``train.peak_tflops`` is 0. The size grows from 256 while one product takes
+    under 20 ms, up to 2048, so the measurement stays short where ``dtype`` is slow (bf16 on a CPU without
+    AVX-512 BF16 multiplies at ~1 GFLOP/s)."""
+    import statistics
+
+    import torch
+
+    def seconds(n: int, repeats: int) -> float:
+        a = b = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: the run's RNG stays put
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    key = (str(device), str(dtype))
+    if key not in _PEAKS:
+        n = 256
+        while n < 2048 and seconds(n, 2) < 0.02:
+            n *= 2
+        _PEAKS[key] = 2 * n**3 / seconds(n, 3)
+    return _PEAKS[key]
+
+
 class Throughput:
     """Tokens counted since the last ``rate()`` call, per second."""
 
@@ -62,18 +97,20 @@ class Throughput:
 
 
 @contextmanager
-def monitoring(enabled: bool, model: nn.Module, optimizer, every: int, run_dir: Path, start: int):
-    """Attach a ``TrainingMonitor`` for the body (when ``enabled``); plot its rows if the body ends normally."""
+def monitoring(enabled: bool, model: nn.Module, optimizer, every: int, run_dir: Path, start: int, write: bool = True):
+    """Attach a ``TrainingMonitor`` for the body (when ``enabled``); plot its rows if the body ends normally.
+    ``write=False``: measure (collectives included) but write nothing (the other ranks of a sharded run)."""
     if not enabled:
         yield
         return
     from ..analysis import TrainingMonitor
     from ..analysis.plots import plot_monitor
 
-    sink = MetricsLog(run_dir / "monitor.jsonl", True, start if start else None)
+    sink = MetricsLog(run_dir / "monitor.jsonl", write, start if start else None)
     monitor = TrainingMonitor(model, optimizer, every=every, sink=sink.write, start_step=start).attach()
     try:
         yield
     finally:
         monitor.detach()
-    plot_monitor(run_dir / "monitor.jsonl", run_dir)
+    if write:
+        plot_monitor(run_dir / "monitor.jsonl", run_dir)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention import MultiHeadAttention
 from ..config import BlockConfig
 from ..data import LMBatches, Seq2SeqTask, eval_windows
 from ..tokenization import lm_token_splits
@@ -139,6 +140,16 @@ class LanguageModelTask:
         """How many target tokens ``loss`` averages over (weights micro-batches under accumulation)."""
         return batch[1].numel()
 
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Model FLOPs of one training token (forward + backward, PaLM's appendix B): ``6 N`` for the ``N``
+        weights of the matrix multiplies (projections, feed-forward, LM head) plus ``12 L d_attn T`` for
+        attention's scores and weighted sums over a context of ``T = seq_len``. Recomputation (activation
+        checkpointing) is not counted: this is model FLOPs utilization, not hardware utilization."""
+        matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+        attention = sum(12 * layer.q_size * self.seq_len for layer in layers)
+        return 6.0 * matmul + attention
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
         inputs, targets = (t.to(self.device) for t in self.val)
@@ -180,6 +191,9 @@ class SequenceToSequenceTask:
 
     def loss_tokens(self, batch) -> int:
         return int((~batch[4]).sum())
+
+    def flops_per_token(self, model: nn.Module) -> None:
+        return None  # padded source and target of varying lengths: no single figure per token
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:

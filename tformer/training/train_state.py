@@ -5,6 +5,12 @@ A checkpoint is a directory ``<run>/step_NNNNNNN/`` holding ``model.safetensors`
 ``train_state.json`` (step, scheduler, the optimizer's plain values, Python's RNG state, the
 config). ``<run>/latest.json`` names the newest one and ``<run>/model.safetensors`` is a copy of
 its model. Every file is written atomically and nothing is unpickled on resume.
+
+Runs with ``train.parallel=fsdp`` write the model and optimizer through ``torch.distributed.checkpoint``
+instead (``step_NNNNNNN/dcp/``: every rank writes its own shards, and any number of processes reads
+them back, resharding), plus the same consolidated ``model.safetensors`` (gathered to rank 0) that
+``tformer.load`` reads in one process. DCP's files hold tensors and a metadata file; tformer reads them
+only through ``dcp.load`` into tensors it allocated (no object is unpickled into the program's state).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..recipe_config import merge
+from .distributed import Dist, barrier, is_sharded
 from .optimization import replan_schedule
 from .schema import recipe_defaults
 
@@ -51,14 +58,28 @@ def unflatten_optimizer(tensors: dict[str, Tensor], plain: dict) -> dict:
 
 
 def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, config: dict,
-                        keep: int, engine_state: dict | None = None) -> Path:
-    """Write ``step_NNNNNNN/`` (model, optimizer, RNG, JSON state) atomically, then point ``latest.json`` at it."""
+                        keep: int, engine_state: dict | None = None, world: Dist | None = None,
+                        sharded: bool = False) -> Path | None:
+    """Write ``step_NNNNNNN/`` (model, optimizer, RNG, JSON state) atomically, then point ``latest.json`` at it.
+
+    ``sharded`` (``train.parallel=fsdp``): every process of ``world`` must call it; the model and optimizer
+    go through ``torch.distributed.checkpoint``. Otherwise only the main process calls it."""
+    world = world or Dist()
     name = f"step_{step:07d}"
     final, tmp = run_dir / name, run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    checkpoint.save(model, tmp / "model.safetensors")
-    tensors, plain_optimizer = flatten_optimizer(optimizer.state_dict())
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if sharded:
+        barrier(world)
+        _save_sharded(tmp, model, optimizer, world)
+        if not world.is_main:
+            barrier(world)  # until rank 0 has published the checkpoint
+            return None
+        tensors, plain_optimizer = {}, None
+    else:
+        checkpoint.save(model, tmp / "model.safetensors")
+        tensors, plain_optimizer = flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -75,7 +96,41 @@ def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, s
     old = sorted(p for p in run_dir.glob("step_*") if p.is_dir() and p.name != name)
     for stale in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
+    if sharded:
+        barrier(world)
     return final
+
+
+def _save_sharded(directory: Path, model: nn.Module, optimizer, world: Dist) -> None:
+    """Every rank writes its shards to ``directory/dcp``; rank 0 also writes the gathered ``model.safetensors``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / "dcp"))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.is_main:
+        checkpoint.save(consolidated(model, full), directory / "model.safetensors")
+
+
+def consolidated(model: nn.Module, state: dict) -> nn.Module:
+    """A plain (unsharded) tformer model with ``model``'s spec holding the full ``state``."""
+    from ..spec import BuiltFromSpec
+
+    cls = next(c for c in type(model).__mro__ if issubclass(c, BuiltFromSpec) and not c.__name__.startswith("FSDP"))
+    with torch.random.fork_rng(devices=[]):  # its random init must not move this rank's RNG (dropout masks)
+        plain = cls.from_spec(model.spec)  # built normally, so tied weights stay tied; then overwritten
+    plain.load_state_dict(state)
+    return plain
+
+
+def _load_sharded(directory: Path, model: nn.Module, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def _jsonable(value):
@@ -94,11 +149,25 @@ def load_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler, e
         state = json.loads((directory / "train_state.json").read_text())
     except (OSError, KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{run_dir}: cannot resume, the training state is unreadable ({error})") from None
-    saved = checkpoint.load(directory / "model.safetensors")
-    model.load_state_dict(saved.state_dict())
+    sharded_checkpoint = (directory / "dcp").is_dir()
+    if is_sharded(model) and not sharded_checkpoint:
+        raise CheckpointError(f"{directory} was written by a run with train.parallel=ddp (or one process); resume it "
+                              f"with train.parallel=ddp, or start a new run (another run name, or resume=false)")
+    try:
+        if sharded_checkpoint:
+            _load_sharded(directory, model, optimizer)
+        else:
+            saved = checkpoint.load(directory / "model.safetensors")
+            model.load_state_dict(saved.state_dict())
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        raise CheckpointError(f"{directory}: cannot resume, the model/optimizer state does not load "
+                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     try:
         tensors = load_file(directory / "train_state.safetensors")
-        optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+        if not sharded_checkpoint:
+            optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
