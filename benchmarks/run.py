@@ -356,12 +356,28 @@ def section_convert(quick: bool) -> tuple[list[str], list[str]]:
                    f"(norms alone {norms['ratio']:.3f}x; no target)"]
 
 
+def section_precision(quick: bool) -> tuple[list[str], list[str]]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from precision import compare, table
+
+    result = compare(20 if quick else 200)
+    faster = result["speedup"] > 1.0
+    close = abs(result["val_loss_rel_diff"]) <= 0.01
+    return table(result) + [""], [
+        f"{'met' if faster else 'NOT met'}: the lm_small recipe in bf16 autocast {result['speedup']:.2f}x the speed "
+        f"of fp32 end to end (target > 1; needs native bf16 matmuls: "
+        f"{result['matmul_gflops']['bfloat16']:.0f} vs {result['matmul_gflops']['float32']:.0f} GFLOP/s here)",
+        f"{'met' if close else 'NOT met'}: its validation loss {result['val_loss_rel_diff']:+.2%} from fp32's "
+        f"after {result['steps']} steps (target within 1%)",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: train inference norms placements "
-                                                               "memory bf16 compile monitor convert")
+                                                               "memory bf16 compile monitor convert precision")
     args = parser.parse_args()
     torch.manual_seed(0)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -376,7 +392,8 @@ def main() -> None:
     ]
     sections = {"train": lambda q: section_train(q, rates), "inference": section_inference, "norms": section_norms,
                 "placements": section_placements, "memory": section_memory, "bf16": section_bf16,
-                "compile": section_compile, "monitor": section_monitor, "convert": section_convert}
+                "compile": section_compile, "monitor": section_monitor, "convert": section_convert,
+                "precision": section_precision}
     body, verdicts = [], []
     for name, run in sections.items():
         if name in args.skip:

@@ -1,5 +1,7 @@
 import csv
 
+import math
+
 import pytest
 
 from tformer import NORMS, PLACEMENTS
@@ -69,6 +71,10 @@ def test_study_runs_rotary_grouped_query_models(tmp_path):
     config = (tmp_path / "runs" / "pre-rmsnorm-warmup0" / "config.yaml").read_text()
     assert "positions: rope" in config and "n_kv_heads: 1" in config
     assert all(r.final_val_loss < 6.0 for r in rows)
+    # bytes: bits per byte is the loss in bits; the table and the CSV carry it
+    assert all(r.final_bits_per_byte == pytest.approx(r.final_val_loss / math.log(2), rel=1e-9) for r in rows)
+    assert "final_bits_per_byte" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "| final bits/byte |" in (tmp_path / "results.md").read_text()
 
 
 def test_study_help_lists_every_registered_placement_and_norm(capsys):

@@ -47,6 +47,7 @@ class StudyRow:
     status: str  # "trained", "stuck (near unigram entropy)", or "diverged at step N"
     steps_to_target: int | None
     seconds: float
+    final_bits_per_byte: float = math.nan  # comparable across tokenizers (data.tokenizer=bpe overrides)
 
 
 def unigram_entropy(path: str = "python_docs", val_fraction: float = 0.1) -> float:
@@ -99,7 +100,9 @@ def run_study(
         if status is None:
             status = "stuck (near unigram entropy)" if final > entropy - STUCK_MARGIN else "trained"
         reached = next((e["step"] for e in evals if e["val_loss"] <= target_loss), None)
-        rows.append(StudyRow(placement, norm, warmup, final, min(losses, default=math.nan), status, reached, seconds))
+        bits = evals[-1].get("bits_per_byte", math.nan) if evals else math.nan
+        rows.append(StudyRow(placement, norm, warmup, final, min(losses, default=math.nan), status, reached, seconds,
+                             bits))
         curves[name] = ([e["step"] for e in evals], losses)
     summary = {"unigram_entropy": entropy, "target_loss": target_loss, "steps": steps, "warmup_steps": warmup_steps}
     write_results(out_dir, rows, curves, summary)
@@ -129,19 +132,20 @@ def write_results(out_dir: Path, rows: list[StudyRow], curves: dict, summary: di
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    header = "| placement | norm | warmup steps | final val loss | best val loss | status | steps to target | seconds |"
+    header = ("| placement | norm | warmup steps | final val loss | final bits/byte | best val loss | status | "
+              "steps to target | seconds |")
     lines = [
         "# Placement study: which placement trains without warmup?", "",
         f"{summary['steps']} steps of a 6-layer byte-level LM (d_model 128) on the embedded corpus, Adam "
         f"(0.9, 0.98), lr 1e-3 with cosine decay to 10%, with no warmup or {summary['warmup_steps']} warmup steps "
         f"(Xiong et al. 2020, §3.2). Loss in nats/byte; unigram entropy {summary['unigram_entropy']:.3f}; "
         f"target {summary['target_loss']}.", "",
-        header, "|---|---|---|---|---|---|---|---|",
+        header, "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         target = "-" if r.steps_to_target is None else str(r.steps_to_target)
         lines.append(f"| {r.placement} | {r.norm} | {r.warmup_steps} | {r.final_val_loss:.3f} | "
-                     f"{r.best_val_loss:.3f} | {r.status} | {target} | {r.seconds:.0f} |")
+                     f"{r.final_bits_per_byte:.3f} | {r.best_val_loss:.3f} | {r.status} | {target} | {r.seconds:.0f} |")
     lines += ["", "## Verdict", "", *verdict(rows), "", "![validation loss curves](loss_curves.png)", ""]
     (out_dir / "results.md").write_text("\n".join(lines))
     plot_curves(out_dir / "loss_curves.png", rows, curves, summary)
