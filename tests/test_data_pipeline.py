@@ -157,8 +157,10 @@ def test_prepare_keeps_memory_bounded_on_a_large_file(tmp_path):
         while f.tell() < 200_000_000:
             f.write(block)
     size = big.stat().st_size
-    script = ("import resource, sys; from tformer.cli import main; rc = main(sys.argv[1:]); "
-              "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)")
+    # VmHWM, the peak RSS of this process image (getrusage's ru_maxrss would include the forking pytest's)
+    script = ("import sys; from tformer.cli import main; rc = main(sys.argv[1:]); "
+              "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]; "
+              "print('peak', int(hwm) * 1024); sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", script, "prepare", f"data.path={big}", f"out={tmp_path / 'tok'}",
                            "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

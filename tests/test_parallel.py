@@ -79,11 +79,13 @@ def test_ddp_with_accumulation_matches_one_process_and_the_monitor_agrees(tmp_pa
 
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes_on_another_number_of_processes(tmp_path):
-    """FSDP2 over 2 processes (every block sharded; the checkpoint written by both ranks through
-    torch.distributed.checkpoint) for 2 steps, resumed by 1 process for 2 more: the losses, the monitor's
-    per-layer gradient norms (gathered from the shards) and the final weights are the one-process run's."""
-    common = ["train.batch_size=8", "train.parallel=fsdp", "log.checkpoint_every=2"]
-    launch(tmp_path, "single", *common, "train.steps=4")
+    """FSDP2 over 2 processes (every block sharded; 2 micro-batches per step, reduce-scattered only on the last;
+    the checkpoint written by both ranks through torch.distributed.checkpoint) for 2 steps, resumed by 1
+    process for 2 more: the losses, the monitor's per-layer gradient norms (gathered from the shards) and the
+    final weights are those of a one-process run with the same 8 sequences per step."""
+    common = ["train.parallel=fsdp", "log.checkpoint_every=2"]
+    launch(tmp_path, "single", *common, "train.batch_size=8", "train.steps=4")
+    common += ["train.batch_size=4", "train.grad_accum=2"]
     launch(tmp_path, "fsdp", *common, "train.steps=2", processes=2)
     step_dir = tmp_path / "fsdp" / "step_0000002"
     assert (step_dir / "dcp" / ".metadata").is_file() and len(list((step_dir / "dcp").glob("*.distcp"))) == 2
@@ -100,8 +102,9 @@ def test_fsdp_matches_one_process_and_resumes_on_another_number_of_processes(tmp
 @pytest.mark.slow
 def test_fsdp_run_interrupted_resumes_where_it_left_off(tmp_path):
     """2 processes stopped after their step-2 checkpoint and restarted: the same weights as 4 straight steps
-    (bitwise: the same processes, shards and reduction order; dropout included)."""
-    common = ["train.batch_size=8", "train.parallel=fsdp", "log.checkpoint_every=2", "model.block.dropout=0.1"]
+    (bitwise: the same processes, shards and reduction order; dropout and activation checkpointing included)."""
+    common = ["train.batch_size=8", "train.parallel=fsdp", "log.checkpoint_every=2", "model.block.dropout=0.1",
+              "train.activation_checkpointing=true"]
     launch(tmp_path, "straight", *common, "train.steps=4", processes=2)
     launch(tmp_path, "resumed", *common, "train.steps=2", processes=2)
     launch(tmp_path, "resumed", *common, "train.steps=4", processes=2)
