@@ -125,3 +125,15 @@ def test_parallel_options_are_validated(tmp_path):
         run("train.parallel=zero")
     with pytest.raises(ConfigError, match="train.cpu_offload=true .* needs train.parallel=fsdp on CUDA"):
         run("train.parallel=fsdp", "train.cpu_offload=true")
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_uses_fsdps_precision_policy_and_tracks_autocast(tmp_path):
+    """FSDP with train.precision=bf16 gathers parameters in bf16 (MixedPrecisionPolicy, float32 reduction)
+    instead of autocasting: a different rounding scheme, so the losses agree with a one-process bf16-autocast
+    run to bf16 precision rather than exactly."""
+    common = ["train.batch_size=8", "train.precision=bf16", "train.parallel=fsdp", "train.steps=4"]
+    launch(tmp_path, "autocast", *common)
+    launch(tmp_path, "policy", *common, processes=2)
+    assert losses(tmp_path, "policy") == pytest.approx(losses(tmp_path, "autocast"), rel=2e-3)
+    assert losses(tmp_path, "policy") != losses(tmp_path, "autocast")  # really another scheme
