@@ -66,17 +66,27 @@ def stack_depth(placement: str) -> int:
 def spread(combinations, values):
     """Every combination with every one of ``values``: ``pytest.param(*combination, value)``.
 
-    In the default run each combination takes one value, rotating (with a shift every ``len(values)``
-    combinations, so that a grid's rows and columns both meet every value); the rest of the full product
-    is marked ``slow`` (``.ci/run`` runs it). ``test_matrix`` checks the coverage of the default run.
+    In the default run each combination takes one value: the one new to the most of its axis entries (a
+    grid's rows and columns), ties broken by a rotation, so every entry of every axis meets as many values as
+    it has combinations; the rest of the full product is marked ``slow`` (``.ci/run`` runs it).
+    ``test_matrix`` checks the coverage of the default run.
     """
     params = []
     n = len(values)
+    met: dict[tuple[int, object], set[int]] = {}  # (axis, entry) -> indices of the values it already meets
     for i, combination in enumerate(combinations):
         combination = combination if isinstance(combination, tuple) else (combination,)
+        keys = list(enumerate(combination))
+        rotation = (i + i // n) % n
+
+        def novelty(j: int) -> tuple[int, int]:  # values new to the most axis entries; ties: the rotation's order
+            return sum(j not in met.setdefault(k, set()) for k in keys), -((j - rotation) % n)
+
+        fast = max(range(n), key=novelty)
+        for k in keys:
+            met[k].add(fast)
         for j, value in enumerate(values):
-            marks = () if j == (i + i // n) % n else (pytest.mark.slow,)
-            params.append(pytest.param(*combination, value, marks=marks))
+            params.append(pytest.param(*combination, value, marks=() if j == fast else (pytest.mark.slow,)))
     return params
 
 

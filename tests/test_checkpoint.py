@@ -154,9 +154,9 @@ def test_no_or_unknown_metadata(tmp_path, good):
         load(alien)
     broken = tmp_path / "broken.safetensors"
     description = json.loads(header["model"])
-    description["spec"]["cfg"]["norm"] = "batchnorm"
+    description["spec"]["cfg"]["norm"] = "groupnorm"
     save_file(tensors, broken, metadata={**header, "model": json.dumps(description)})
-    with pytest.raises(CheckpointError, match="config does not build a Encoder.*norm='batchnorm'"):
+    with pytest.raises(CheckpointError, match="config does not build a Encoder.*norm='groupnorm'"):
         load(broken)
 
 

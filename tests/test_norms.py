@@ -4,7 +4,7 @@ from torch import nn
 
 import tformer
 from tformer import ConfigError, make_norm
-from tformer.norms import NORMS
+from tformer.norms import NORMS, norm_traits
 
 D = 8
 
@@ -67,9 +67,10 @@ def test_every_norm_shape_and_padding_argument(name):
     assert norm(x).shape == x.shape
 
 
-@pytest.mark.parametrize("name", [n for n in NORMS if n != "powernorm"])
+@pytest.mark.parametrize("name", [n for n in NORMS if norm_traits(n).exact_gradient])
 def test_gradcheck_exact_norms(name):
-    """Every norm but PowerNorm (whose backward is approximate by design) has the exact gradient."""
+    """Every norm that declares an exact gradient has it (PowerNorm's and AdaNorm's backward are not the
+    gradient of their forward by design; their own tests check what they compute instead)."""
     norm = _randomize(make_norm(name, D)).double()
     x = torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
     params = tuple(norm.parameters())
@@ -95,8 +96,8 @@ def test_padding_contents_do_not_change_real_positions(name):
 
 
 def test_make_norm_errors():
-    with pytest.raises(ConfigError, match=r"norm='batchnorm'.*'layernorm'.*'rmsnorm'"):
-        make_norm("batchnorm", D)
+    with pytest.raises(ConfigError, match=r"norm='groupnorm'.*'layernorm'.*'rmsnorm'.*'batchnorm'"):
+        make_norm("groupnorm", D)
     with pytest.raises(ConfigError, match=r"alpha_init"):
         make_norm("dyt", D, alpha=1.0)
     with pytest.raises(ConfigError, match="valid options: unit_offset"):
@@ -149,3 +150,50 @@ def test_rmsnorm_function_matches_native_in_float32_and_bf16():
     yb.float().sum().backward()
     assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all()
     torch.testing.assert_close(yb.float(), y2.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_layernorm_simple_is_layernorm_without_affine():
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    reference = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6).double()
+    norm = make_norm("layernorm_simple", D, eps=1e-6)
+    assert not list(norm.parameters())
+    torch.testing.assert_close(norm(x), reference(x), rtol=0, atol=1e-12)
+
+
+def test_adanorm_forward_and_its_detached_backward():
+    """z = C (1 - k y) y with the factor C (1 - k y) a constant in backward (Xu et al. 2019)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, D, dtype=torch.float64, requires_grad=True)
+    norm = make_norm("adanorm", D, eps=1e-6, k=0.1, scale=2.0)
+    z = norm(x)
+    mean = x.mean(-1, keepdim=True)
+    y = (x - mean) / ((x - mean).square().mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(z, 2.0 * (1 - 0.1 * y) * y, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(z)
+    (grad,) = torch.autograd.grad(z, x, upstream)
+    (expected,) = torch.autograd.grad(y, x, upstream * (2.0 * (1 - 0.1 * y)).detach(), retain_graph=True)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+    (full,) = torch.autograd.grad(2.0 * (1 - 0.1 * y) * y, x, upstream)  # what not detaching would give
+    assert (full - grad).abs().max() > 1e-3
+
+
+def test_batchnorm_uses_only_real_tokens_and_running_statistics_like_batchnorm1d():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, D, dtype=torch.float64) * 2 + 1
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = pad[2, 1:] = True
+    norm = make_norm("batchnorm", D, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    reference = nn.BatchNorm1d(D, eps=1e-5, momentum=0.1).double()
+    reference.load_state_dict({"weight": norm.weight, "bias": norm.bias, "running_mean": norm.running_mean,
+                               "running_var": norm.running_var, "num_batches_tracked": torch.tensor(0)})
+    out = norm(x, padding_mask=pad)
+    torch.testing.assert_close(out[~pad], reference(x[~pad]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm.running_var, reference.running_var, rtol=0, atol=1e-12)
+    norm.eval(), reference.eval()
+    torch.testing.assert_close(norm(x)[~pad], reference(x[~pad]), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: make_norm("batchnorm", D).double()(t, padding_mask=pad),
+                                    (x.clone().requires_grad_(),))

@@ -47,7 +47,7 @@ def test_config_errors_name_the_key_and_choices(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["model.block.norm=batchnorm"], "norm='batchnorm' is not a known norm"),
+    (["model.block.norm=groupnorm"], "norm='groupnorm' is not a known norm"),
     (["data.path=/nonexistent/corpus.txt"], "no such file"),
     (["train.schedule=cosine", "train.steps=5", "train.warmup_steps=10"], "needs total_steps"),
     (["train.lrr=1"], "did you mean 'lr'"),

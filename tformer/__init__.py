@@ -5,7 +5,7 @@ attention on any backend (``BACKENDS``); see ``BlockConfig``.
 """
 
 # Modules that register entries of the norm and placement registries (importing them registers them).
-from . import rmsnorm, powernorm, stack_placements  # noqa: I001  (registration first)
+from . import rmsnorm, powernorm, batchnorm, stack_placements  # noqa: I001  (registration first)
 from . import analysis, convert, data
 from .backends import BACKENDS
 from .blocks import DecoderBlock, EncoderBlock, TransformerBlock

@@ -151,6 +151,50 @@ class NoNorm(NormTraits, nn.Module):
         return x
 
 
+@NORMS.register("layernorm_simple")
+class LayerNormSimple(NormTraits, nn.Module):
+    """LayerNorm-simple (Xu et al. 2019): ``(x - mean) / sqrt(var + eps)`` with no gain and no bias, which
+    the paper finds as good as or better than LayerNorm on most tasks. ``bias`` is accepted for the uniform
+    factory signature and ignored."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.d_model, self.eps = d_model, eps
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return F.layer_norm(x, (self.d_model,), None, None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.d_model}, eps={self.eps}"
+
+
+@NORMS.register("adanorm")
+class AdaNorm(NormTraits, nn.Module):
+    """AdaNorm (Xu et al. 2019, "Understanding and Improving Layer Normalization"): the gain and
+    bias of LayerNorm replaced by an input-adaptive scaling, ``z = C * (1 - k * y) * y`` with
+    ``y = (x - mean) / sqrt(var + eps)``, where the factor ``C * (1 - k * y)`` is treated as a constant in
+    back-propagation (detached), so only ``y`` carries gradient. ``k = 1/10`` as in the paper; ``C``
+    (``scale``) is 1, the value of the authors' training commands. No parameters.
+
+    The paper writes the standard deviation as ``sqrt(mean((x - mean)^2))``; its code (fairseq
+    ``LayerNormImpl``, mode ``adanorm``) divides by the *unbiased* standard deviation plus eps. We follow
+    the paper, with eps inside the square root as LayerNorm has it.
+    """
+
+    exact_gradient = False  # by design: the detached factor is treated as a constant
+
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, k: float = 0.1, scale: float = 1.0):
+        super().__init__()
+        self.d_model, self.eps, self.k, self.scale = d_model, eps, k, scale
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        y = F.layer_norm(x, (self.d_model,), None, None, self.eps)
+        return (self.scale * (1.0 - self.k * y)).detach() * y
+
+    def extra_repr(self) -> str:
+        return f"{self.d_model}, eps={self.eps}, k={self.k}, scale={self.scale}"
+
+
 def _option_names(cls: type) -> set[str]:
     params = inspect.signature(cls.__init__).parameters
     return {n for n in params if n not in ("self", "d_model", "eps", "bias")}
