@@ -197,3 +197,8 @@ def test_batchnorm_uses_only_real_tokens_and_running_statistics_like_batchnorm1d
     torch.testing.assert_close(norm(x)[~pad], reference(x[~pad]), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: make_norm("batchnorm", D).double()(t, padding_mask=pad),
                                     (x.clone().requires_grad_(),))
+    norm.train()
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    out = norm(x, padding_mask=torch.ones_like(pad))  # no real token: finite output, statistics untouched
+    assert torch.isfinite(out).all()
+    assert all(torch.equal(before[k], v) for k, v in norm.state_dict().items())

@@ -37,17 +37,21 @@ class SequenceBatchNorm(NormTraits, nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         if self.training:
-            values = x.to(stat_dtype).reshape(-1, x.shape[-1])
-            if padding_mask is not None:
-                values = values[~padding_mask.reshape(-1)]
-            count = values.shape[0]
-            mean = values.mean(0) if count else values.new_zeros(x.shape[-1])
-            var = (values - mean).square().mean(0) if count else values.new_ones(x.shape[-1])
-            if count:
-                with torch.no_grad():
-                    unbiased = var * (count / max(count - 1, 1))
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                    self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
+            # masked sums, not boolean indexing: no data-dependent shapes, so torch.compile keeps one graph
+            values = x.to(stat_dtype)
+            dims = tuple(range(x.dim() - 1))
+            if padding_mask is None:
+                keep = torch.ones(*x.shape[:-1], 1, dtype=stat_dtype, device=x.device)
+            else:
+                keep = (~padding_mask).unsqueeze(-1).to(stat_dtype)
+            count = keep.sum()
+            mean = (values * keep).sum(dims) / count.clamp_min(1.0)
+            var = ((values - mean).square() * keep).sum(dims) / count.clamp_min(1.0)
+            with torch.no_grad():  # a batch without real tokens leaves the running statistics alone
+                rate = (count > 0).to(self.running_mean.dtype) * self.momentum
+                unbiased = var * (count / (count - 1.0).clamp_min(1.0))
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), rate)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), rate)
         else:
             mean, var = self.running_mean.to(stat_dtype), self.running_var.to(stat_dtype)
         y = ((x.to(stat_dtype) - mean) * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight.to(x.dtype)

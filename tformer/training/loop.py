@@ -1,10 +1,12 @@
 """The training loop: ``train(config)`` runs a recipe from its first (or resumed) step to its last.
 
-Setup builds the task, model, optimizer and schedule, resumes from the run directory when it
-can, and wraps the model in DistributedDataParallel or shards it with FSDP2 when several processes run. Each step then
-computes the loss on batch ``step``, back-propagates, clips, stops with ``TrainingDiverged`` at
-a non-finite loss or gradient, updates, and on its cadence logs a metrics row, evaluates and
-checkpoints (rank 0 alone writes).
+Setup builds the task and model, wraps the model in DistributedDataParallel or shards it with FSDP2
+when several processes run, builds the optimizer, schedule and step engine (``engine.py``) and
+resumes from the run directory when it can. Each step then computes the loss and gradients of batch
+``step`` (micro-batched, in the run's precision), clips, stops with ``TrainingDiverged`` at a
+non-finite loss or gradient (not at an fp16 step the gradient scaler skips), updates, and on its
+cadence logs a metrics row, evaluates and checkpoints (rank 0 alone writes, but every rank writes
+its shards of an FSDP checkpoint).
 """
 
 from __future__ import annotations
