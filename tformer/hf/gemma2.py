@@ -26,8 +26,9 @@ import math
 
 from ..config import BlockConfig
 from ..models import LanguageModel
-from .core import (Family, Needs, activation_name, check_model, kept_activation, linear_links, norm_links, refuse_hf,
-                   register, rope_base_of, rope_fields)
+from .core import Needs, activation_name, check_model, kept_activation, norm_links, refuse_hf, register, rope_base_of, \
+    rope_fields
+from .llama import Llama
 
 #: Gemma's ``hidden_activation`` (a gated MLP) -> tformer's gated activation.
 GATED_ACTIVATIONS = {"gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu"}
@@ -47,7 +48,7 @@ def window_limit(config) -> int:
 
 
 @register
-class Gemma2(Family):
+class Gemma2(Llama):  # Llama's weight layout (links); its own config, norms, checks and Hugging Face fields
     key = "gemma2"
     title = "Gemma 2"
     hf_class = "Gemma2ForCausalLM"
@@ -91,26 +92,12 @@ class Gemma2(Family):
                 f"sliding_window={config.sliding_window} positions, so the converted model computes exactly, and "
                 f"accepts, inputs up to that length only)")
 
-    def links(self, model):
-        cfg = model.cfg
-        links = linear_links("embedding.tokens", "model.embed_tokens", bias=False)
-        for i in range(len(model.decoder.layers)):
-            t, h = f"decoder.layers.{i}", f"model.layers.{i}"
-            attn = f"{h}.self_attn"
-            links += linear_links(f"{t}.attn.qkv", (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"),
-                                  bias=cfg.use_attn_bias)
-            links += linear_links(f"{t}.attn.out", f"{attn}.o_proj", bias=cfg.use_attn_bias)
-            links += norm_links(f"{t}.attn_residual.norm_in", f"{h}.input_layernorm", bias=False)
-            links += norm_links(f"{t}.attn_residual.norm_out", f"{h}.post_attention_layernorm", bias=False)
-            links += norm_links(f"{t}.ffn_residual.norm_in", f"{h}.pre_feedforward_layernorm", bias=False)
-            links += norm_links(f"{t}.ffn_residual.norm_out", f"{h}.post_feedforward_layernorm", bias=False)
-            links += linear_links(f"{t}.ffn.w1", f"{h}.mlp.gate_proj", bias=False)
-            links += linear_links(f"{t}.ffn.w3", f"{h}.mlp.up_proj", bias=False)
-            links += linear_links(f"{t}.ffn.w2", f"{h}.mlp.down_proj", bias=False)
-        links += norm_links("decoder.final_norm", "model.norm", bias=False)
-        if not model.spec.tie_embeddings:
-            links += linear_links("head", "lm_head", bias=False)
-        return links
+    def layer_norm_links(self, t: str, h: str) -> list:
+        """Four norms a layer (sandwich): in and out of attention, in and out of the MLP."""
+        return (norm_links(f"{t}.attn_residual.norm_in", f"{h}.input_layernorm", bias=False)
+                + norm_links(f"{t}.attn_residual.norm_out", f"{h}.post_attention_layernorm", bias=False)
+                + norm_links(f"{t}.ffn_residual.norm_in", f"{h}.pre_feedforward_layernorm", bias=False)
+                + norm_links(f"{t}.ffn_residual.norm_out", f"{h}.post_feedforward_layernorm", bias=False))
 
     NEEDS = Needs(model_class=LanguageModel, norm="rmsnorm", placement="sandwich", activations=TO_HF_GATED,
                   norm_bias=None, attn_bias=None, ffn_bias=False, qk_norm=False, gqa=True, positions="rope",
