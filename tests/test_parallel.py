@@ -137,3 +137,28 @@ def test_fsdp_bf16_uses_fsdps_precision_policy_and_tracks_autocast(tmp_path):
     launch(tmp_path, "policy", *common, processes=2)
     assert losses(tmp_path, "policy") == pytest.approx(losses(tmp_path, "autocast"), rel=2e-3)
     assert losses(tmp_path, "policy") != losses(tmp_path, "autocast")  # really another scheme
+
+
+def test_a_crafted_sharded_checkpoint_is_refused_not_executed(tmp_path):
+    """torch.distributed.checkpoint writes its metadata with pickle; tformer unpickles it with an allowlist of
+    DCP's own metadata classes, so a .metadata that would run a command is a CheckpointError instead."""
+    import pickle
+
+    from tformer import CheckpointError
+    from tformer.recipe_config import load_config
+    from tformer.training import recipe_defaults, train
+
+    overrides = [*TINY, f"out_dir={tmp_path}", "train.parallel=fsdp", "log.checkpoint_every=2", "log.monitor=false"]
+    train(load_config(recipe_defaults("lm"), None, [*overrides, "train.steps=2"]))  # one process, DCP format
+    metadata = tmp_path / "run" / "step_0000002" / "dcp" / ".metadata"
+    assert metadata.is_file()
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    metadata.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match=r"metadata names (posix|os)\.system.*refusing to unpickle"):
+        train(load_config(recipe_defaults("lm"), None, [*overrides, "train.steps=4"]))
+    assert not marker.exists()

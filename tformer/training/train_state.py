@@ -9,14 +9,17 @@ its model. Every file is written atomically and nothing is unpickled on resume.
 Runs with ``train.parallel=fsdp`` write the model and optimizer through ``torch.distributed.checkpoint``
 instead (``step_NNNNNNN/dcp/``: every rank writes its own shards, and any number of processes reads
 them back, resharding), plus the same consolidated ``model.safetensors`` (gathered to rank 0) that
-``tformer.load`` reads in one process. DCP's files hold tensors and a metadata file; tformer reads them
-only through ``dcp.load`` into tensors it allocated (no object is unpickled into the program's state).
+``tformer.load`` reads in one process. DCP writes its metadata file with ``pickle`` and its reader
+would unpickle it as it is; tformer reads it with an unpickler that admits only the metadata classes
+DCP itself writes (``SafeReader``), so a crafted ``.metadata`` raises ``CheckpointError`` instead of
+running anything. The shard files' tensors are read as raw bytes (other bytes with ``weights_only``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -113,6 +116,51 @@ def _save_sharded(directory: Path, model: nn.Module, optimizer, world: Dist) -> 
         checkpoint.save(consolidated(model, full), directory / "model.safetensors")
 
 
+#: What DCP's metadata pickle may name: (module, name) pairs, or (module, None) for any class of the module.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", None), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections",
+                                                                         "builtins")) else None
+        allowed = ((module, name) in _METADATA_GLOBALS
+                   or ((module, None) in _METADATA_GLOBALS and isinstance(found, type))
+                   or (module == "torch" and isinstance(found, torch.dtype)))
+        if not allowed:
+            raise CheckpointError(f"the sharded checkpoint's metadata names {module}.{name}, which is not part of "
+                                  f"torch.distributed.checkpoint's metadata; refusing to unpickle it (nothing from "
+                                  f"a checkpoint is executed)")
+        return found
+
+
+def safe_reader(path: Path):
+    """A ``torch.distributed.checkpoint`` ``FileSystemReader`` whose metadata is unpickled with an allowlist."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+                try:
+                    metadata = _MetadataUnpickler(stream).load()
+                except CheckpointError:
+                    raise
+                except Exception as error:  # truncated or otherwise damaged pickle
+                    raise CheckpointError(f"{path}: the sharded checkpoint's metadata is unreadable "
+                                          f"({type(error).__name__}: {error})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
 def consolidated(model: nn.Module, state: dict) -> nn.Module:
     """A plain (unsharded) tformer model with ``model``'s spec holding the full ``state``."""
     from ..spec import BuiltFromSpec
@@ -128,8 +176,19 @@ def _load_sharded(directory: Path, model: nn.Module, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / "dcp"))
+    try:
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, storage_reader=safe_reader(directory / "dcp"))
+    except CheckpointException as error:  # DCP wraps each rank's failure: surface ours, name the rest
+        failures = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
+        ours = next((f for f in failures if isinstance(f, CheckpointError)), None)
+        if ours is not None:
+            raise CheckpointError(f"{directory / 'dcp'}: {ours}") from None
+        first = failures[0] if failures else error
+        raise CheckpointError(f"{directory / 'dcp'}: cannot load the sharded checkpoint "
+                              f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''})") from None
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
