@@ -8,7 +8,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .backends import BACKENDS, attention_mask, math_attention
+import functools
+
+from .backends import BACKENDS, attention_mask, math_attention, soft_cap
 from .errors import ConfigError
 from .init import INIT_SCHEMES, BranchInit, zero_bias_
 from .rotary import rotary_cos_sin, rotate
@@ -124,6 +126,8 @@ class MultiHeadAttention(nn.Module):
         self.causal, self.cross, self.rope_base = causal, cross, rope_base
         self.backend_name = backend
         self.backend = BACKENDS[backend]
+        # soft-capped scores exist only on the math path: the kernel is chosen once, not per call
+        self._attend = self.backend if softcap is None else functools.partial(math_attention, softcap=softcap)
         self.attn_dropout = dropout
         INIT_SCHEMES.get_or_raise(init)
         self.init_scheme = init
@@ -209,15 +213,13 @@ class MultiHeadAttention(nn.Module):
         q, k, v, q_padding_mask, kv_padding_mask = self._project(x, memory, padding_mask, memory_padding_mask, offset)
         if cache is not None:
             k, v = cache.update(k, v)
-        options = {"softcap": self.softcap} if self.softcap is not None else {}
-        out = (math_attention if options else self.backend)(
+        out = self._attend(
             q, self._expand_kv(k), self._expand_kv(v),
             causal=self.causal,
             q_padding_mask=q_padding_mask,
             kv_padding_mask=kv_padding_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             scale=self.scale,
-            **options,
         )  # (batch, seq, heads, head_dim)
         return self.out(rearrange(out, "b s h d -> b s (h d)"))
 
@@ -243,9 +245,7 @@ class MultiHeadAttention(nn.Module):
         if is_causal:
             mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-        if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = soft_cap(torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale, self.softcap)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(-1)

@@ -91,6 +91,11 @@ def _zero_empty_cross_rows(out: Tensor, q_padding_mask: Tensor | None, kv_paddin
     return out
 
 
+def soft_cap(x: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping of attention scores and logits); ``x`` when ``cap`` is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 def _default_scale(q: Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else scale
 
@@ -107,9 +112,7 @@ def math_attention(q, k, v, *, causal=False, q_padding_mask=None, kv_padding_mas
     mask, is_causal = attention_mask(q_len, kv_len, causal=causal, kv_padding_mask=kv_padding_mask, device=q.device)
     if is_causal:
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * _default_scale(q, scale)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = soft_cap(torch.einsum("bqhd,bkhd->bhqk", q, k) * _default_scale(q, scale), softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)

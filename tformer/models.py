@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import KVCache
+from .backends import soft_cap
 from .config import BlockConfig, check_positive_int
 from .embeddings import Embedding, is_rotary
 from .errors import ConfigError
@@ -74,10 +75,7 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         ``new_cache``) the tokens continue the cached positions and their keys/values are added."""
         offset = 0 if cache is None else cache.length
         x = self.decoder(self.embedding(tokens, offset), padding_mask=padding_mask, cache=cache)
-        logits = self.head(x)
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        return soft_cap(self.head(x), self.logit_softcap)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for incremental decoding."""

@@ -91,7 +91,9 @@ def fsdp_precision(train: dict):
     bf16/fp16 for compute, gradients reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train["precision"])
+    from .engine import PRECISIONS
+
+    dtype = PRECISIONS[train["precision"]]
     return None if dtype is None else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 

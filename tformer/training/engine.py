@@ -1,8 +1,8 @@
 """How one optimizer step's gradients are computed: precision, accumulation, compile, activation checkpointing.
 
 ``StepEngine.gradients(batch)`` runs ``train.grad_accum`` micro-batches of the step's batch through
-forward and backward and returns the step's loss, gradient norm and whether the update must be
-skipped; ``StepEngine.update()`` then steps the optimizer (through the gradient scaler under fp16).
+forward and backward and returns the step's loss and gradient norm (``skips`` says whether the fp16
+scaler will skip the update); ``StepEngine.update()`` then steps the optimizer (through the scaler).
 
 * ``train.precision``: ``fp32``; ``bf16`` (``torch.autocast`` on CPU and CUDA; parameters, optimizer
   state and the loss stay float32, and tformer's norms compute their statistics in float32);
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .distributed import full_value, is_sharded
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: consecutive steps the fp16 gradient scaler may skip before the run counts as diverged
@@ -62,8 +63,6 @@ class StepEngine:
         check_precision(train["precision"], device)
         check_grad_accum(train["grad_accum"])
         self.model, self.optimizer, self.task, self.device = model, optimizer, task, device
-        from .distributed import is_sharded
-
         self.sharded = is_sharded(model)
         # FSDP applies the precision through its own policy (parameters gathered in bf16/fp16): no autocast then
         self.dtype = None if self.sharded else PRECISIONS[train["precision"]]
@@ -132,8 +131,6 @@ class StepEngine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else math.inf)
-        from .distributed import full_value
-
         return total, full_value(grad_norm)
 
     @contextlib.contextmanager

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..recipe_config import dump_config
 from .diagnosis import TrainingDiverged, divergence_message, scaler_stuck_message
 from .distributed import Dist, process_group, resolve_device, wrap_model
-from .engine import MAX_CONSECUTIVE_SKIPS, StepEngine, split_batch
+from .engine import MAX_CONSECUTIVE_SKIPS, PRECISIONS, StepEngine, split_batch
 from .optimization import build_optimizer, build_scheduler
 from .run_logs import MetricsLog, Throughput, measured_peak_flops, monitoring, progress_bar
 from .tasks import TASKS
@@ -155,7 +155,7 @@ def _peak_flops(run: _Run) -> float:
     given = run.config["train"]["peak_tflops"]
     if given:
         return float(given) * 1e12
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.config["train"]["precision"], torch.float32)
+    dtype = PRECISIONS[run.config["train"]["precision"]] or torch.float32
     device = next(run.model.parameters()).device
     return measured_peak_flops(device, dtype)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import MultiHeadAttention
-from ..config import BlockConfig
+from ..config import BlockConfig, check_positive_int
 from ..data import LMBatches, Seq2SeqTask, eval_windows
 from ..tokenization import lm_token_splits
 from ..errors import ConfigError
@@ -48,8 +48,7 @@ def step_batch_size(train: dict, world: Dist) -> int:
     """Sequences per optimizer step over all processes: ``batch_size * grad_accum``, where ``batch_size``
     is one forward/backward over all processes (so it must split evenly over them)."""
     batch_size, accum = train["batch_size"], train["grad_accum"]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"train.batch_size={batch_size!r} must be a positive integer")
+    check_positive_int("train.batch_size", batch_size)
     check_grad_accum(accum)
     if batch_size % world.world_size:
         raise ConfigError(f"train.batch_size={batch_size} (one forward/backward over all processes) must divide evenly "
