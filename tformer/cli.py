@@ -220,15 +220,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-PREPARE_KEYS = {"data.path": None, "data.tokenizer": "byte", "data.vocab_size": 4096, "out": None}
+PREPARE_KEYS = ("data.path", "data.tokenizer", "data.vocab_size", "out")
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from tformer.errors import ConfigError
     from tformer.recipe_config import parse_override
     from tformer.tokenization import prepare
+    from tformer.training.schema import LM_DEFAULTS
 
-    values = dict(PREPARE_KEYS)
+    data = LM_DEFAULTS["data"]  # the recipes' defaults for the tokenizer keys
+    values = {"data.path": None, "data.tokenizer": data["tokenizer"], "data.vocab_size": data["vocab_size"],
+              "out": None}
     for item in args.items:
         keys, value = parse_override(item)
         key = ".".join(keys)

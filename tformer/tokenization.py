@@ -201,19 +201,20 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: str = 
         encoder, vocab = None, 256
     dtype = token_dtype(vocab)
     n_tokens = 0
-    partial = out / f".{TOKENS_FILE}.tmp"
-    with open(partial, "wb") as f, tqdm(desc="tokenize", **bar_options) as bar:
-        for chunk in read_chunks(files):
-            if encoder is None:
-                ids = np.frombuffer(chunk, dtype=np.uint8).astype(dtype)
-            else:
-                ids = np.asarray(encoder.encode_ids(chunk.decode("utf-8", errors="replace")), dtype=dtype)
-            f.write(ids.tobytes())
-            n_tokens += len(ids)
-            bar.update(len(chunk))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, out / TOKENS_FILE)
+
+    def write_tokens(path: str) -> None:  # streamed into the temporary file atomic_write renames into place
+        nonlocal n_tokens
+        with open(path, "wb") as f, tqdm(desc="tokenize", **bar_options) as bar:
+            for chunk in read_chunks(files):
+                if encoder is None:
+                    ids = np.frombuffer(chunk, dtype=np.uint8).astype(dtype)
+                else:
+                    ids = np.asarray(encoder.encode_ids(chunk.decode("utf-8", errors="replace")), dtype=dtype)
+                f.write(ids.tobytes())
+                n_tokens += len(ids)
+                bar.update(len(chunk))
+
+    atomic_write(out / TOKENS_FILE, write_tokens)
     meta = {"tokenizer": tokenizer, "vocab_size": vocab, "dtype": dtype.name, "n_tokens": n_tokens, "bytes": total,
             "files": [str(f) for f in files]}
     atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
