@@ -115,20 +115,49 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _atlas(args: argparse.Namespace) -> int:
+    from tformer.atlas import AtlasInterrupted, make_grid, run_atlas
+    from tformer.errors import ConfigError
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    cell = {"steps": args.steps} if args.steps is not None else None
+    grid = make_grid("quick" if args.quick else "default", norms=args.norms, placements=args.placements,
+                     depths=args.depths, lrs=args.lrs, warmups=args.warmups, seeds=args.seeds, cell=cell)
+    n_cells = len(grid.cells())
+    print(f"tformer atlas: {n_cells} cells ({len(grid.norms)} norms x {len(grid.placements)} placements x "
+          f"{len(grid.depths)} depths x {len(grid.lrs)} learning rates x {len(grid.warmups)} warmups x "
+          f"{len(grid.seeds)} seeds) into {args.out}, {args.jobs} job(s)", file=sys.stderr)
+    try:
+        run_atlas(args.out, grid, jobs=args.jobs, progress=not args.no_progress)
+    except AtlasInterrupted as stop:
+        print(f"tformer atlas: {stop}", file=sys.stderr)
+        return 130
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}/summary.md, cells.csv, cells.json, stable_lr.csv, heatmap_depth*.png")
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from tformer.analysis.reproductions import REPRODUCTIONS, run_reproduction
 
     if args.name == "scales":
         return _analyze_scales(args)
+    from tformer.atlas import AtlasInterrupted
+
     names = list(REPRODUCTIONS) if args.name == "all" else [args.name]
     for name in names:
-        out = run_reproduction(name, args.out, quick=args.quick)
+        try:
+            out = run_reproduction(name, args.out, quick=args.quick, jobs=args.jobs)
+        except AtlasInterrupted as stop:
+            print(f"tformer analyze {name}: {stop}", file=sys.stderr)
+            return 130
         print((out / "summary.md").read_text())
         print(f"wrote {out}/\n")
     if args.report:
         from tformer.analysis.reproductions import write_report
 
-        print(f"wrote {write_report(args.out, args.report, names)}")
+        print(f"wrote {write_report(args.out, args.report)}")  # every summary under --out, not only this run's
     return 0
 
 
@@ -308,6 +337,37 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--target-loss", type=float, default=2.6, help="loss for 'steps to target' (default: 2.6)")
     study.set_defaults(run=_study)
 
+    from tformer.atlas import DEFAULT_GRID, QUICK_GRID
+
+    def defaults(axis: str) -> str:
+        def show(values) -> str:
+            return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+        return f"(default: {show(DEFAULT_GRID[axis])}; --quick: {show(QUICK_GRID[axis])})"
+
+    atlas = commands.add_parser(
+        "atlas", help="map where each norm x placement trains: learning rate x depth x warmup, several seeds",
+        description="The stability atlas: train a small byte-level LM on the embedded corpus for every cell of "
+                    "norm x placement x depth x peak learning rate x warmup x seed, classify each (trains, stuck "
+                    "at the unigram entropy, diverged) and write heatmaps per depth, the largest stable learning "
+                    "rate per norm x placement x depth, CSV/JSON of every cell and summary.md. Finished cells are "
+                    "cached in OUT/cells: Ctrl-C and run the same command to resume; a larger grid reuses a "
+                    "smaller one's cells. The default grid takes about 35 minutes with --jobs 2 on 2 CPU cores, "
+                    "--quick about 3; on a bigger machine raise --jobs and the axes.")
+    atlas.add_argument("--quick", action="store_true", help="a small corner of the default grid")
+    atlas.add_argument("--out", default="runs/atlas", help="output directory (default: runs/atlas)")
+    atlas.add_argument("--jobs", type=int, default=1, help="cells run in this many processes (default: 1)")
+    atlas.add_argument("--norms", nargs="+", help=f"norms, or 'all' (default: every registered one; --quick: "
+                                                  f"{' '.join(QUICK_GRID['norms'])}; any of: {' '.join(NORMS)})")
+    atlas.add_argument("--placements", nargs="+", help="placements, or 'all' " + defaults("placements") + f"; any of: {' '.join(PLACEMENTS)}")
+    atlas.add_argument("--depths", nargs="+", type=int, help="numbers of layers " + defaults("depths"))
+    atlas.add_argument("--lrs", nargs="+", type=float, help="peak learning rates " + defaults("lrs"))
+    atlas.add_argument("--warmups", nargs="+", type=int, help="warmup steps, 0 for none " + defaults("warmups"))
+    atlas.add_argument("--seeds", nargs="+", type=int, help="seeds " + defaults("seeds"))
+    atlas.add_argument("--steps", type=int, help="training steps per cell (default: 120)")
+    atlas.add_argument("--no-progress", action="store_true", help="no progress bar")
+    atlas.set_defaults(run=_atlas)
+
     from tformer.analysis.reproductions import REPRODUCTIONS
 
     analyze = commands.add_parser(
@@ -319,9 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("name", choices=[*REPRODUCTIONS, "all", "scales"], help="what to run")
     analyze.add_argument("--out", default="runs/analysis", help="output directory (default: runs/analysis)")
     analyze.add_argument("--quick", action="store_true", help="smaller settings, for a smoke test")
+    analyze.add_argument("--jobs", type=int, default=1,
+                         help="processes for the reproductions made of atlas cells (deepnet-depth; default: 1)")
     analyze.add_argument("--checkpoint", help="for 'scales': a LanguageModel checkpoint or run directory")
     analyze.add_argument("--batches", type=int, default=8, help="for 'scales': batches to average (default: 8)")
-    analyze.add_argument("--report", help="also combine the summaries and figures into this markdown file")
+    analyze.add_argument("--report", help="also combine every summary and figure under --out (this run's and "
+                         "earlier ones, in the order above) into this markdown file")
     analyze.set_defaults(run=_analyze)
 
     generate = commands.add_parser(
