@@ -255,8 +255,10 @@ def test_lemma2_reproduction_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REPRODUCTIONS))
 def test_full_reproductions(tmp_path, name):
-    """The reproduction commands at full settings (run by .ci/run through -m slow)."""
+    """The reproduction commands at full settings (run by .ci/run through -m slow); the two that train for
+    minutes (deepnet-depth about 10, powernorm about 3) at --quick, to keep CI inside its budget."""
     from tformer.cli import main
 
-    assert main(["analyze", name, "--out", str(tmp_path)]) == 0
+    quick = ["--quick"] if name in ("deepnet-depth", "powernorm") else []
+    assert main(["analyze", name, "--out", str(tmp_path), *quick]) == 0
     assert "**Measured**" in (tmp_path / name / "summary.md").read_text()
