@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from tformer import ConfigError
 from tformer.atlas import (
@@ -164,9 +165,24 @@ def test_grid_presets_and_validation():
                           (dict(lrs=[0.0]), "learning rates must be in"),
                           (dict(depths=[0]), "depths must be"),
                           (dict(warmups=[500]), "shorter than the 120 steps"),
-                          (dict(cell={"steps": 0}), "steps per cell")]:
+                          (dict(cell={"steps": 0}), "steps per cell"),
+                          (dict(cell={"device": "tpu"}), "device must be cpu or cuda")]:
         with pytest.raises(ConfigError, match=message):
             make_grid("quick", **axes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_cells_are_refused_without_a_gpu():
+    with pytest.raises(ConfigError, match="no CUDA device; use --device cpu"):
+        make_grid("quick", cell={"device": "cuda"})
+
+
+@pytest.mark.cuda
+def test_a_cell_on_the_gpu_matches_the_cpu():
+    spec = tiny(d_model=32, n_heads=4, d_ff=64, steps=20, lr=1e-2)
+    cpu, gpu = run_cell(spec), run_cell(replace(spec, device="cuda"))
+    assert gpu["final_val_loss"] == pytest.approx(cpu["final_val_loss"], abs=1e-3)
+    assert replace(spec, device="cuda").key() != spec.key()
 
 
 def test_atlas_command(tmp_path, capsys):

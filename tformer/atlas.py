@@ -61,9 +61,13 @@ class CellSpec:
     batch_size: int = 8
     eval_windows: int = 64
     activation: str = "relu"
+    device: str = "cpu"  # "cuda": the same cell on a GPU (its own cache entry: float results differ slightly)
 
     def key(self) -> str:
-        text = json.dumps({"version": ATLAS_VERSION, **asdict(self)}, sort_keys=True)
+        fields_ = asdict(self)
+        if fields_["device"] == "cpu":
+            del fields_["device"]  # keys of CPU cells stay those of atlases cached before the device field
+        text = json.dumps({"version": ATLAS_VERSION, **fields_}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def cost(self) -> float:
@@ -137,15 +141,16 @@ def run_cell(spec: CellSpec, curve_every: int = 10) -> dict:
 
     start = time.perf_counter()
     train_tokens, val_tokens = corpus_splits()
+    device = torch.device(spec.device)
     torch.manual_seed(spec.seed)
-    model = LanguageModel(spec.block_config(), spec.depth, 256, spec.seq_len)
+    model = LanguageModel(spec.block_config(), spec.depth, 256, spec.seq_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
     scheduler = make_scheduler(optimizer, "cosine", spec.warmup, spec.steps, min_lr_ratio=0.1)
     data = LMBatches(train_tokens, spec.batch_size, spec.seq_len, seed=spec.seed)
     curve, diverged_step, first_loss = [], None, math.nan
     model.train()
     for step in range(1, spec.steps + 1):
-        inputs, targets = data.batch(step)
+        inputs, targets = (t.to(device) for t in data.batch(step))
         loss = token_loss(model(inputs), targets)
         value = loss.item()
         if step == 1:
@@ -164,7 +169,7 @@ def run_cell(spec: CellSpec, curve_every: int = 10) -> dict:
     if diverged_step is None:
         model.eval()
         with torch.no_grad():
-            inputs, targets = eval_windows(val_tokens, spec.seq_len, spec.eval_windows)
+            inputs, targets = (t.to(device) for t in eval_windows(val_tokens, spec.seq_len, spec.eval_windows))
             val_loss = token_loss(model(inputs), targets).item()
         if not math.isfinite(val_loss):
             diverged_step = spec.steps
@@ -299,6 +304,11 @@ def check_grid(grid: AtlasGrid) -> None:
     bad = [lr for lr in grid.lrs if not (isinstance(lr, (int, float)) and 0 < lr < 1)]
     if bad or not grid.lrs:
         raise ConfigError(f"atlas: learning rates must be in (0, 1), got {list(grid.lrs)}")
+    device = grid.cell.get("device", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"atlas: device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("atlas: device cuda asked for, but torch sees no CUDA device; use --device cpu")
     steps = grid.cell.get("steps", CellSpec.steps)
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"atlas: steps per cell must be an integer >= 1, got {steps!r}")
@@ -381,8 +391,9 @@ def write_atlas(out_dir: Path, rows: list[dict], grid: AtlasGrid) -> None:
 
     write_csv(out_dir / "cells.csv", rows, columns)
     cells = [{k: v for k, v in row.items() if k != "curve"} for row in rows]  # curves stay in the cache
-    atomic_write(out_dir / "cells.json", lambda tmp: Path(tmp).write_text(
-        json.dumps({"grid": grid.describe(), "cells": cells}, indent=1)))
+    text = ('{"grid": ' + json.dumps(grid.describe()) + ',\n"cells": [\n' + ",\n".join(json.dumps(c) for c in cells)
+            + "\n]}\n")  # one cell per line: small and diffable
+    atomic_write(out_dir / "cells.json", lambda tmp: Path(tmp).write_text(text))
     table = stable_lr_table(rows)
     write_csv(out_dir / "stable_lr.csv", table, list(table[0]))
     figures = [plot_heatmap(out_dir / f"heatmap_depth{d}.png", rows, grid, d) for d in grid.depths]
@@ -429,8 +440,9 @@ def summary_markdown(rows: list[dict], table: list[dict], grid: AtlasGrid, figur
         f"is *diverged*. Status counts: {counts['trains']} trains, {counts['stuck']} stuck, "
         f"{counts['diverged']} diverged; {seconds / 60:.1f} CPU-minutes of cells.", "",
         "## Largest stable learning rate", "",
-        "The largest peak learning rate of the grid at which every seed trains (`-`: none does; `*`: some "
-        "smaller learning rate fails, so the stable region is not an interval).", "",
+        f"The largest peak learning rate of the grid at which every seed trains (`-`: none of {_fmt_lr(min(g['lrs']))}"
+        f"-{_fmt_lr(max(g['lrs']))} does; `*`: some smaller learning rate fails, so the stable region is not an "
+        "interval).", "",
         *headline_table(table, grid), "",
         "## Best cells", "",
         "| depth | warmup | best norm x placement | lr | val loss | bits/byte |", "|---|---|---|---|---|---|",
@@ -442,16 +454,15 @@ def summary_markdown(rows: list[dict], table: list[dict], grid: AtlasGrid, figur
                 best = min(candidates, key=lambda t: t["best_val_loss"])
                 lines.append(f"| {d} | {w} | {best['norm']} x {best['placement']} | {best['best_lr']:g} | "
                              f"{best['best_val_loss']:.3f} | {best['best_val_loss'] / math.log(2):.3f} |")
-    spreads = [cell_summary(s)["seed_spread"] for s in _groups(
-        rows, ("norm", "placement", "depth", "lr", "warmup")).values()]
-    spreads = [s for s in spreads if math.isfinite(s)]
-    mixed = sum(cell_summary(s)["status"] == "mixed" for s in _groups(
-        rows, ("norm", "placement", "depth", "lr", "warmup")).values())
+    summaries = [cell_summary(s) for s in _groups(rows, ("norm", "placement", "depth", "lr", "warmup")).values()]
+    spreads = sorted(s["seed_spread"] for s in summaries if s["status"] == "trains" and math.isfinite(s["seed_spread"]))
+    mixed = sum(s["status"] == "mixed" for s in summaries)
     if spreads:
-        spreads.sort()
-        lines += ["", f"Seeds: over {len(spreads)} cells with several non-diverged seeds, the spread of the final "
-                      f"validation loss has median {spreads[len(spreads) // 2]:.3f} and maximum {spreads[-1]:.3f}; "
-                      f"{mixed} cells have seeds that disagree on the status (shown as mixed)."]
+        lines += ["", f"Seeds: over the {len(spreads)} grid points where every seed trains, the spread (max - min) of "
+                      f"the final validation loss between seeds has median {spreads[len(spreads) // 2]:.3f}, 90th "
+                      f"percentile {spreads[int(0.9 * (len(spreads) - 1))]:.3f} and maximum {spreads[-1]:.3f}; "
+                      f"{mixed} of {len(summaries)} grid points have seeds that disagree on the status (marked k/n in "
+                      "the heatmaps)."]
     lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(lines)
 
@@ -472,7 +483,7 @@ def plot_heatmap(path: Path, rows: list[dict], grid: AtlasGrid, depth: int) -> P
     vmin = min(trained, default=entropy - 1)
     fig, axes = plt.subplots(1, len(grid.warmups), figsize=(2.2 + 1.1 * len(lrs) * len(grid.warmups),
                                                               1.2 + 0.24 * len(labels)),
-                             squeeze=False, sharey=True)
+                             squeeze=False, sharey=True, layout="constrained")
     cmap = plt.get_cmap("viridis_r").with_extremes(bad="#d9d9d9")
     image = None
     for ax, warmup in zip(axes[0], grid.warmups):
@@ -496,11 +507,10 @@ def plot_heatmap(path: Path, rows: list[dict], grid: AtlasGrid, depth: int) -> P
             ax.axhline(i - 0.5, color="white", lw=1.5)
         ax.set_xlabel("peak learning rate")
         ax.set_title("no warmup" if warmup == 0 else f"{warmup} warmup steps", fontsize=10)
-    fig.colorbar(image, ax=axes[0].tolist(), label="final validation loss (nats/byte)", shrink=0.6,
-                 pad=0.02)
+    fig.colorbar(image, ax=axes[0].tolist(), label="final validation loss (nats/byte), mean over seeds", shrink=0.6)
     fig.suptitle(f"Stability atlas, {depth} layers: x diverged, s stuck (>= unigram entropy - {STUCK_MARGIN}), "
-                 f"k/n seeds train", fontsize=10, y=1.02)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+                 f"k/n seeds train", fontsize=10)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -116,12 +116,17 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _atlas(args: argparse.Namespace) -> int:
+    import torch
+
     from tformer.atlas import AtlasInterrupted, make_grid, run_atlas
     from tformer.errors import ConfigError
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    cell = {"steps": args.steps} if args.steps is not None else None
+    cell = {"steps": args.steps} if args.steps is not None else {}
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu":
+        cell["device"] = device
     grid = make_grid("quick" if args.quick else "default", norms=args.norms, placements=args.placements,
                      depths=args.depths, lrs=args.lrs, warmups=args.warmups, seeds=args.seeds, cell=cell)
     n_cells = len(grid.cells())
@@ -352,11 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "at the unigram entropy, diverged) and write heatmaps per depth, the largest stable learning "
                     "rate per norm x placement x depth, CSV/JSON of every cell and summary.md. Finished cells are "
                     "cached in OUT/cells: Ctrl-C and run the same command to resume; a larger grid reuses a "
-                    "smaller one's cells. The default grid takes about 35 minutes with --jobs 2 on 2 CPU cores, "
-                    "--quick about 3; on a bigger machine raise --jobs and the axes.")
+                    "smaller one's cells. On 2 CPU cores the default grid takes about 50 minutes, --quick about 2; "
+                    "a machine with more cores runs more cells at once (--jobs, one thread each), and --device cuda "
+                    "trains cells on a GPU (several jobs can share it), which makes longer cells and deeper grids "
+                    "(--steps, --depths) affordable.")
     atlas.add_argument("--quick", action="store_true", help="a small corner of the default grid")
     atlas.add_argument("--out", default="runs/atlas", help="output directory (default: runs/atlas)")
-    atlas.add_argument("--jobs", type=int, default=1, help="cells run in this many processes (default: 1)")
+    atlas.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                       help="cells run in this many processes, one thread each (default: the CPU cores this "
+                            "process may use, here %(default)s)")
     atlas.add_argument("--norms", nargs="+", help=f"norms, or 'all' (default: every registered one; --quick: "
                                                   f"{' '.join(QUICK_GRID['norms'])}; any of: {' '.join(NORMS)})")
     atlas.add_argument("--placements", nargs="+", help="placements, or 'all' " + defaults("placements") + f"; any of: {' '.join(PLACEMENTS)}")
@@ -365,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     atlas.add_argument("--warmups", nargs="+", type=int, help="warmup steps, 0 for none " + defaults("warmups"))
     atlas.add_argument("--seeds", nargs="+", type=int, help="seeds " + defaults("seeds"))
     atlas.add_argument("--steps", type=int, help="training steps per cell (default: 120)")
+    atlas.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where cells train (default: auto, a GPU when torch sees one); cells are cached per device")
     atlas.add_argument("--no-progress", action="store_true", help="no progress bar")
     atlas.set_defaults(run=_atlas)
 
