@@ -1,11 +1,11 @@
 """PowerNorm's two findings at CPU scale (Shen et al. 2020, "PowerNorm: Rethinking Batch Normalization in
 Transformers"), ``tformer analyze powernorm``.
 
-The task is an encoder with padding: a Post-norm Transformer encoder (the paper's setting: fairseq's
-post-norm Transformer with the norm replaced in the encoder) tags each position of a padded batch of
-random symbol strings (lengths 4-12) with the answer of the ``sort`` task at that position: the i-th
-smallest symbol, which needs attention over the whole (unpadded) string. The same model is trained with
-LayerNorm, PowerNorm and BatchNorm (statistics over the non-padding tokens) for several seeds.
+The task is an encoder on real text with padding: a Post-norm Transformer encoder (the paper's setting:
+fairseq's post-norm Transformer with the norm replaced in the encoder) is trained as a masked byte model
+on the embedded corpus: windows of random length (16-64 bytes) padded to 64, 15% of the real bytes
+replaced by a mask token, the loss on the masked bytes. The same model is trained with LayerNorm,
+PowerNorm and BatchNorm (statistics over the non-padding tokens) for several seeds.
 
 (a) Fig. 2 of the paper: the distance between the batch statistics and the running statistics of the
 first batch-statistics norm of the encoder over training, ``dist(s_B, s) = ||s_B - s|| / d`` with the
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import BlockConfig
-from ..data import Seq2SeqTask
+from ..data import _generator, corpus_splits
 from ..models import EncoderModel
 from ..schedulers import make_scheduler
 from .plots import pyplot
@@ -33,8 +33,33 @@ from .plots import pyplot
 NORMS = ("layernorm", "powernorm", "batchnorm")
 
 
+MASK, PAD, VOCAB = 256, 257, 258
+
+
+class MaskedBytes:
+    """Padded batches of corpus windows with random lengths and 15% of the real bytes masked; a batch depends
+    only on ``(seed, step)``. ``batch(step) -> (inputs, targets, padding_mask)``, targets -100 where not masked."""
+
+    def __init__(self, tokens: Tensor, batch_size: int = 32, min_len: int = 16, max_len: int = 64, seed: int = 0,
+                 mask_rate: float = 0.15):
+        self.tokens, self.batch_size, self.min_len, self.max_len = tokens, batch_size, min_len, max_len
+        self.seed, self.mask_rate = seed, mask_rate
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        g = _generator(self.seed, step)
+        lengths = torch.randint(self.min_len, self.max_len + 1, (self.batch_size,), generator=g)
+        starts = torch.randint(0, len(self.tokens) - self.max_len, (self.batch_size,), generator=g)
+        positions = torch.arange(self.max_len)
+        padding = positions[None, :] >= lengths[:, None]
+        windows = self.tokens[starts[:, None] + positions[None, :]]
+        masked = (torch.rand(self.batch_size, self.max_len, generator=g) < self.mask_rate) & ~padding
+        inputs = windows.masked_fill(masked, MASK).masked_fill(padding, PAD)
+        targets = windows.masked_fill(~masked, -100)
+        return inputs, targets, padding
+
+
 class Tagger(nn.Module):
-    """An encoder and a per-position classifier."""
+    """An encoder and a per-position classifier (untied)."""
 
     def __init__(self, cfg: BlockConfig, n_layers: int, vocab_size: int, max_seq_len: int):
         super().__init__()
@@ -85,15 +110,16 @@ class StatisticsProbe:
         self.handle.remove()
 
 
-def train_tagger(norm: str, seed: int, *, steps: int = 500, n_layers: int = 4, d_model: int = 64, lr: float = 1e-3,
-                 warmup: int = 50, batch_size: int = 32, placement: str = "post", n_val: int = 512) -> dict:
+def train_encoder(norm: str, seed: int, *, steps: int = 500, n_layers: int = 4, d_model: int = 64, lr: float = 1e-3,
+                  warmup: int = 50, batch_size: int = 32, placement: str = "post", n_val: int = 512) -> dict:
     """Train one encoder; its validation loss and accuracy (eval mode), loss curve and statistics distances."""
-    task = Seq2SeqTask("sort", vocab_size=16, min_len=4, max_len=12, batch_size=batch_size, seed=seed)
+    train_tokens, val_tokens = corpus_splits()
+    data = MaskedBytes(train_tokens, batch_size, seed=seed)
     torch.manual_seed(seed)
     options = {"warmup_iters": max(1, steps // 5)} if norm == "powernorm" else {}  # then the running statistic
     cfg = BlockConfig(d_model=d_model, n_heads=4, d_ff=4 * d_model, norm=norm, placement=placement, dropout=0.0,
                       norm_options=options)
-    model = Tagger(cfg, n_layers, task.vocab_size, task.max_seq_len)
+    model = Tagger(cfg, n_layers, VOCAB, data.max_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = make_scheduler(optimizer, "cosine", warmup, steps, min_lr_ratio=0.1)
     probe_norm = _first_batch_norm(model)
@@ -101,9 +127,8 @@ def train_tagger(norm: str, seed: int, *, steps: int = 500, n_layers: int = 4, d
     curve, status = [], "trained"
     model.train()
     for step in range(1, steps + 1):
-        src, _, tgt_out, src_pad, _ = task.batch(step)
-        logits = model(src, src_pad)
-        loss = nn.functional.cross_entropy(logits[~src_pad], tgt_out[~src_pad])
+        inputs, targets, padding = data.batch(step)
+        loss = nn.functional.cross_entropy(model(inputs, padding).flatten(0, 1), targets.flatten())
         if not torch.isfinite(loss):
             status = f"diverged at step {step}"
             break
@@ -115,12 +140,12 @@ def train_tagger(norm: str, seed: int, *, steps: int = 500, n_layers: int = 4, d
     if probe is not None:
         probe.remove()
     model.eval()
-    with torch.no_grad():
-        src, _, tgt_out, src_pad, _ = task.validation(n_val)
-        logits = model(src, src_pad)[~src_pad]
-        target = tgt_out[~src_pad]
-        val_loss = nn.functional.cross_entropy(logits, target).item()
-        accuracy = (logits.argmax(-1) == target).double().mean().item()
+    with torch.no_grad():  # a fixed validation set: held-out text, its own seed
+        inputs, targets, padding = MaskedBytes(val_tokens, n_val, seed=10_007).batch(0)
+        keep = targets != -100
+        logits = model(inputs, padding)[keep]
+        val_loss = nn.functional.cross_entropy(logits, targets[keep]).item()
+        accuracy = (logits.argmax(-1) == targets[keep]).double().mean().item()
     return {"norm": norm, "seed": seed, "status": status, "val_loss": val_loss, "val_accuracy": accuracy,
             "final_train_loss": statistics.fmean(curve[-20:]) if curve else math.nan, "curve": curve,
             "stats": probe.rows if probe is not None else []}
@@ -137,7 +162,7 @@ def _fluctuation(values: list[float]) -> dict:
 def powernorm_study(out: Path, quick: bool = False) -> str:
     seeds = (0,) if quick else (0, 1, 2, 3, 4)
     steps = 60 if quick else 500
-    runs = [train_tagger(norm, seed, steps=steps) for norm in NORMS for seed in seeds]
+    runs = [train_encoder(norm, seed, steps=steps) for norm in NORMS for seed in seeds]
     with open(out / "final.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["norm", "seed", "status", "val_loss", "val_accuracy", "final_train_loss"],
                                extrasaction="ignore")
@@ -150,7 +175,9 @@ def powernorm_study(out: Path, quick: bool = False) -> str:
             for step, row in enumerate(r["stats"], 1):
                 for stat in ("mean", "var", "psi2"):
                     if stat in row:
-                        writer.writerow([r["norm"], r["seed"], step, stat, row[stat], row.get(f"{stat}_relative", "")])
+                        relative = row.get(f"{stat}_relative")
+                        writer.writerow([r["norm"], r["seed"], step, stat, f"{row[stat]:.5g}",
+                                         "" if relative is None else f"{relative:.5g}"])
     _plot(out / "statistics.png", runs)
 
     def summary(norm):
@@ -160,7 +187,7 @@ def powernorm_study(out: Path, quick: bool = False) -> str:
         sd = statistics.stdev(losses) if len(losses) > 1 else math.nan
         return statistics.fmean(losses), sd, statistics.fmean(accs), min(accs), max(accs), group
 
-    table = ["| norm | val loss (mean ± sd over seeds) | val token accuracy (mean, min-max) | training loss, last 20 steps |",
+    table = ["| norm | val loss (mean ± sd over seeds) | val masked-byte accuracy (mean, min-max) | training loss, last 20 steps |",
              "|---|---|---|---|"]
     means = {}
     for norm in NORMS:
@@ -184,12 +211,14 @@ def powernorm_study(out: Path, quick: bool = False) -> str:
     bn_var, pn = fluct[("batchnorm", "var")], fluct[("powernorm", "psi2")]
     pn_vs_ln = means["powernorm"][0] - means["layernorm"][0]
     bn_vs_pn = means["batchnorm"][0] - means["powernorm"][0]
-    a_agrees = bn_var["relative_median"] > pn["relative_median"]
+    ratio = bn_var["relative_median"] / pn["relative_median"]
+    a_agrees = ratio > 1.5
     b_agrees = pn_vs_ln <= 0.02 and bn_vs_pn > 0
     return "\n".join([
-        f"A {4}-layer Post-norm encoder (d_model 64, 4 heads) tags each position of padded random strings (lengths "
-        f"4-12, 13 symbols) with the sorted string's symbol there; {steps} AdamW steps of 32 strings, lr 1e-3 with "
-        f"50 warmup steps and cosine decay; {len(seeds)} seed(s) per norm; validation on 512 strings in evaluation "
+        "A 4-layer Post-norm encoder (d_model 64, 4 heads) trained as a masked byte model on the embedded corpus: "
+        "windows of 16-64 bytes padded to 64, 15% of the real bytes masked, loss on the masked bytes (nats/byte); "
+        f"{steps} AdamW steps of 32 windows, lr 1e-3 with 50 warmup steps and cosine decay; {len(seeds)} seed(s) per "
+        "norm; validation on 512 held-out windows in evaluation "
         "mode (running statistics for BatchNorm and PowerNorm). PowerNorm's `warmup_iters` is a fifth of the run "
         f"({max(1, steps // 5)} steps; the official default 10000 would keep this whole run in its warmup, where it "
         "normalizes by the batch statistic), so most of training uses its running statistic as the paper intends. "
@@ -206,18 +235,19 @@ def powernorm_study(out: Path, quick: bool = False) -> str:
         f"**Measured**: (a) BatchNorm's variance sits a median {bn_var['relative_median']:.1%} of its size away from "
         f"the running variance, with a 99th percentile {bn_var['p99'] / bn_var['median']:.1f}x its median; "
         f"PowerNorm's batch psi^2 sits {pn['relative_median']:.1%} away from its running psi^2 "
-        f"({pn['p99'] / pn['median']:.1f}x at the 99th percentile) — "
+        f"({pn['p99'] / pn['median']:.1f}x at the 99th percentile): BatchNorm's relative fluctuation is "
+        f"{ratio:.2f}x PowerNorm's — "
         + ("the paper's direction: BatchNorm's statistics fluctuate more. " if a_agrees else
-           "not the paper's direction at this scale: PowerNorm's statistic moves as much as BatchNorm's. ")
+           "not a separation at this scale (the rule asks for 1.5x). ")
         + f"(b) mean validation loss PowerNorm {means['powernorm'][0]:.3f}, LayerNorm {means['layernorm'][0]:.3f}, "
         f"BatchNorm {means['batchnorm'][0]:.3f} (accuracy {means['powernorm'][1]:.3f} / {means['layernorm'][1]:.3f} "
         f"/ {means['batchnorm'][1]:.3f}): "
         + ("PowerNorm trains at least as well as LayerNorm (within 0.02) and better than BatchNorm, as in the paper."
            if b_agrees else "this does not reproduce the paper's ordering PN >= LN > BN at this scale; see the "
            "table for which part differs.")
-        + " CPU-scale caveats: a synthetic tagging task instead of translation, 4 small layers, a few hundred steps "
-        "and batches of about 300 real tokens (the paper: 4K tokens), so batch statistics are noisier for every "
-        "norm than in the paper.",
+        + " CPU-scale caveats: masked byte modelling instead of translation, 4 small layers, a few hundred steps "
+        "and batches of about 1,300 real tokens (the paper: 4K tokens). The held-out text (the corpus's last 10%) "
+        "is easier than the training text: every norm's validation loss sits about 0.3 below its training loss.",
     ])
 
 
