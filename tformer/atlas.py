@@ -325,7 +325,11 @@ def check_grid(grid: AtlasGrid) -> None:
 
 def run_atlas(out_dir: str | Path = "runs/atlas", grid: AtlasGrid | None = None, *, jobs: int = 1,
               progress: bool = True) -> list[dict]:
-    """Run (or read from the cache) every cell of ``grid`` and write the atlas's outputs into ``out_dir``."""
+    """Run (or read from the cache) every cell of ``grid`` and write the atlas's outputs into ``out_dir``.
+
+    ``jobs > 1`` starts worker processes with ``spawn``: in a script, call this under
+    ``if __name__ == "__main__":`` (Python re-imports the main module in each worker).
+    """
     grid = grid or make_grid()
     check_grid(grid)
     out_dir = Path(out_dir)
