@@ -35,11 +35,12 @@ import torch
 
 from .checkpoint import atomic_write
 from .config import BlockConfig
+from .data import unigram_entropy
 from .errors import ConfigError
 
 #: Bump when a cell's computation changes: cached cells of another version are not reused.
 ATLAS_VERSION = 1
-STUCK_MARGIN = 0.15  # as the placement study: within this of the unigram entropy = learned nothing beyond it
+STUCK_MARGIN = 0.15  # within this of the unigram entropy = learned nothing beyond it (the placement study's rule too)
 STATUSES = ("trains", "stuck", "diverged")
 
 
@@ -107,7 +108,7 @@ class AtlasGrid:
 
 
 #: The committed atlas (docs/atlas): every registered norm under the four classic placements, 2 seeds, about
-#: 35 minutes with ``--jobs 2`` on 2 CPU cores (``norms=None``: every registered norm).
+#: 45 minutes with ``--jobs 2`` on 2 CPU cores (``norms=None``: every registered norm).
 DEFAULT_GRID = dict(norms=None, placements=("pre", "post", "sandwich", "deepnorm"), depths=(6, 12),
                     lrs=(3e-3, 1e-2, 3e-2, 1e-1), warmups=(0, 30), seeds=(0, 1))
 #: ``--quick``: a corner of the default grid (the same cells, so a later default run reuses them).
@@ -116,13 +117,6 @@ QUICK_GRID = dict(norms=("layernorm", "rmsnorm", "powernorm"), placements=("pre"
 
 
 # ------------------------------------------------------------------------------ one cell
-
-
-def unigram_entropy(tokens: torch.Tensor) -> float:
-    """Entropy (nats/token) of ``tokens``' frequencies: the loss of a model without context."""
-    counts = torch.bincount(tokens.flatten()).double()
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
 
 
 def classify(diverged_step: int | None, val_loss: float, entropy: float) -> str:

@@ -80,6 +80,13 @@ def corpus_splits(path: str | os.PathLike | None = None, val_fraction: float = 0
     return split_tokens(ByteTokenizer().encode(load_corpus(path)), val_fraction)
 
 
+def unigram_entropy(tokens: Tensor) -> float:
+    """Entropy (nats/token) of ``tokens``' frequencies: the loss of a model that ignores context."""
+    counts = torch.bincount(torch.as_tensor(tokens).flatten()).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
 def _generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .analysis.plots import pyplot
 from .config import BlockConfig
+from .atlas import STUCK_MARGIN
 from .data import corpus_splits
+from .data import unigram_entropy as token_entropy
 from .recipe_config import load_config
 from .training.diagnosis import TrainingDiverged
 from .training.loop import train
@@ -34,7 +35,6 @@ STUDY_OVERRIDES = [
     "train.min_lr_ratio=0.1", "train.grad_clip=0", "log.every=5", "log.eval_every=25",
     "log.checkpoint_every=0", "log.progress=false", "resume=false",
 ]
-STUCK_MARGIN = 0.15  # a run whose final loss is within this of the unigram entropy learned nothing beyond it
 
 
 @dataclass
@@ -52,10 +52,7 @@ class StudyRow:
 
 def unigram_entropy(path: str = "python_docs", val_fraction: float = 0.1) -> float:
     """Entropy (nats/byte) of the training split's byte frequencies: the loss of a model without context."""
-    tokens, _ = corpus_splits(path, val_fraction)
-    counts = Counter(tokens.tolist())
-    total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values())
+    return token_entropy(corpus_splits(path, val_fraction)[0])
 
 
 def run_study(
