@@ -1,5 +1,6 @@
 """The stability atlas: cells, classification, the cache (resume, reuse), parallel jobs, outputs, the command."""
 
+import csv
 import json
 import math
 import os
@@ -59,7 +60,7 @@ def test_the_key_covers_every_field_and_only_the_fields():
     spec = tiny()
     assert spec.key() == tiny().key()
     assert len({replace(spec, **{f: v}).key() for f, v in [("norm", "rmsnorm"), ("placement", "post"), ("depth", 2),
-                ("lr", 2e-3), ("warmup", 1), ("seed", 1), ("steps", 4), ("d_model", 32)]} | {spec.key()}) == 9
+                ("lr", 2e-3), ("warmup_steps", 1), ("seed", 1), ("steps", 4), ("d_model", 32)]} | {spec.key()}) == 9
 
 
 class Counting:
@@ -121,7 +122,7 @@ def test_parallel_jobs_give_the_same_cells_as_one_process(tmp_path):
 
 def _rows(statuses: dict) -> list[dict]:
     """Rows for one norm x placement x depth x warmup: {lr: [status per seed]}."""
-    return [{"norm": "layernorm", "placement": "post", "depth": 6, "warmup": 0, "lr": lr, "seed": seed, "status": s,
+    return [{"norm": "layernorm", "placement": "post", "depth": 6, "warmup_steps": 0, "lr": lr, "seed": seed, "status": s,
              "final_val_loss": math.nan if s == "diverged" else 2.5 + lr} for lr, per_seed in statuses.items()
             for seed, s in enumerate(per_seed)]
 
@@ -142,13 +143,25 @@ def test_run_atlas_writes_every_output(tmp_path):
     assert len(rows) == 64
     cells = json.loads((tmp_path / "cells.json").read_text())
     assert len(cells["cells"]) == 64 and cells["grid"]["cell"]["steps"] == 3 and "curve" not in cells["cells"][0]
-    assert len((tmp_path / "cells.csv").read_text().splitlines()) == 65
+    with open(tmp_path / "cells.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 64
+    assert set(table[0]) >= {"norm", "placement", "depth", "lr", "warmup_steps", "seed", "status", "final_val_loss"}
+    assert {r["status"] for r in table} <= {"trains", "stuck", "diverged"}
     assert len((tmp_path / "stable_lr.csv").read_text().splitlines()) == 1 + 2 * 2 * 2 * 2
     for depth in (1, 2):
         assert (tmp_path / f"heatmap_depth{depth}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (tmp_path / "summary.md").read_text()
     assert "| norm | placement | L1 no warmup | L1 warmup 1 | L2 no warmup | L2 warmup 1 |" in summary
     assert "| rmsnorm | post |" in summary and "![heatmap_depth2.png](heatmap_depth2.png)" in summary
+
+
+def test_the_quick_grid_covers_what_the_api_promises():
+    """API.md: at each of at least 2 depths and 3 peak learning rates, layernorm with pre and with post, no warmup."""
+    quick = make_grid("quick")
+    assert len(quick.depths) >= 2 and len(quick.lrs) >= 3
+    cells = {(c.norm, c.placement, c.depth, c.lr, c.warmup_steps) for c in quick.cells()}
+    assert all(("layernorm", p, d, lr, 0) in cells for p in ("pre", "post") for d in quick.depths for lr in quick.lrs)
 
 
 def test_grid_presets_and_validation():
@@ -221,12 +234,14 @@ def test_ctrl_c_then_resume_through_the_command(tmp_path):
 
 @pytest.mark.slow
 def test_quick_atlas_end_to_end(tmp_path):
-    """The --quick atlas in two processes: Pre-LN trains at every learning rate of the grid, Post-LN at lr 1e-2
-    without warmup does not (Xiong et al.), and the figure and table are written."""
+    """The --quick atlas in two processes: Pre-LN trains at 3e-3 and 1e-2 at both depths, Post-LN at 1e-2 without
+    warmup does not (Xiong et al.), and the CSV, figures and table are written."""
     assert main(["atlas", "--quick", "--jobs", "2", "--out", str(tmp_path), "--no-progress"]) == 0
-    rows = {(r["norm"], r["placement"], r["lr"], r["warmup"]): r for r in
-            json.loads((tmp_path / "cells.json").read_text())["cells"]}
-    assert len(rows) == len(make_grid("quick").cells())
-    assert all(rows[("layernorm", "pre", lr, w)]["status"] == "trains" for lr in (3e-3, 1e-2) for w in (0, 30))
-    assert rows[("layernorm", "post", 1e-2, 0)]["status"] != "trains"
-    assert (tmp_path / "heatmap_depth6.png").stat().st_size > 10_000
+    with open(tmp_path / "cells.csv") as f:
+        cells = list(csv.DictReader(f))
+    assert len(cells) == len(make_grid("quick").cells())
+    rows = {(r["norm"], r["placement"], int(r["depth"]), float(r["lr"]), int(r["warmup_steps"])): r for r in cells}
+    for depth in (6, 12):
+        assert all(rows[("layernorm", "pre", depth, lr, w)]["status"] == "trains" for lr in (3e-3, 1e-2) for w in (0, 30))
+        assert rows[("layernorm", "post", depth, 1e-2, 0)]["status"] != "trains"
+        assert (tmp_path / f"heatmap_depth{depth}.png").stat().st_size > 10_000

@@ -96,3 +96,22 @@ def test_masked_byte_encoder_learns_with_every_norm(norm):
     assert sum(run["curve"][-10:]) / 10 < sum(run["curve"][:10]) / 10 - 1.0  # from about ln(258) = 5.55 down
     assert math.isfinite(run["val_loss"]) and 0 <= run["val_accuracy"] <= 1
     assert len(run["stats"]) == (0 if norm == "layernorm" else 60)
+
+
+def test_analyze_invariance_writes_the_yes_no_table(tmp_path):
+    """API.md: DIR/invariance.csv, one row per registered norm, yes/no per transformation, plus a PNG."""
+    import csv
+
+    from tformer import NORMS
+    from tformer.analysis.invariance import COLUMNS
+    from tformer.cli import main
+
+    assert main(["analyze", "invariance", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "invariance.csv") as f:
+        rows = {r["norm"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(NORMS)
+    assert list(rows["layernorm"])[1:] == list(COLUMNS)
+    assert [rows["layernorm"][c] for c in COLUMNS] == ["yes", "yes", "no", "yes", "no", "yes"]
+    assert [rows["batchnorm"][c] for c in COLUMNS] == ["yes", "no", "yes", "yes", "yes", "no"]
+    assert (tmp_path / "invariance.png").read_bytes()[:4] == b"\x89PNG"
+    assert "**Measured**" in (tmp_path / "invariance" / "summary.md").read_text()

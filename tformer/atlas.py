@@ -52,7 +52,7 @@ class CellSpec:
     placement: str
     depth: int
     lr: float
-    warmup: int
+    warmup_steps: int
     seed: int = 0
     steps: int = 120
     d_model: int = 32
@@ -66,8 +66,11 @@ class CellSpec:
 
     def key(self) -> str:
         fields_ = asdict(self)
+        # the key's serialization is frozen so renames and new fields never orphan cached cells: warmup_steps
+        # was named warmup, and CPU cells carry no device
+        fields_["warmup"] = fields_.pop("warmup_steps")
         if fields_["device"] == "cpu":
-            del fields_["device"]  # keys of CPU cells stay those of atlases cached before the device field
+            del fields_["device"]
         text = json.dumps({"version": ATLAS_VERSION, **fields_}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -93,14 +96,14 @@ class AtlasGrid:
     cell: dict = field(default_factory=dict)
 
     def cells(self) -> list[CellSpec]:
-        return [CellSpec(norm=n, placement=p, depth=d, lr=lr, warmup=w, seed=s, **self.cell)
+        return [CellSpec(norm=n, placement=p, depth=d, lr=lr, warmup_steps=w, seed=s, **self.cell)
                 for d in self.depths for n in self.norms for p in self.placements
                 for lr in self.lrs for w in self.warmups for s in self.seeds]
 
     def describe(self) -> dict:
         base = CellSpec("layernorm", "pre", 1, 1e-3, 0)
         settings = {f.name: getattr(base, f.name) for f in fields(CellSpec)
-                    if f.name not in ("norm", "placement", "depth", "lr", "warmup", "seed")}
+                    if f.name not in ("norm", "placement", "depth", "lr", "warmup_steps", "seed")}
         settings.update(self.cell)
         return {"norms": list(self.norms), "placements": list(self.placements), "depths": list(self.depths),
                 "lrs": list(self.lrs), "warmups": list(self.warmups), "seeds": list(self.seeds),
@@ -112,7 +115,7 @@ class AtlasGrid:
 DEFAULT_GRID = dict(norms=None, placements=("pre", "post", "sandwich", "deepnorm"), depths=(6, 12),
                     lrs=(3e-3, 1e-2, 3e-2, 1e-1), warmups=(0, 30), seeds=(0, 1))
 #: ``--quick``: a corner of the default grid (the same cells, so a later default run reuses them).
-QUICK_GRID = dict(norms=("layernorm", "rmsnorm", "powernorm"), placements=("pre", "post", "deepnorm"), depths=(6,),
+QUICK_GRID = dict(norms=("layernorm", "rmsnorm"), placements=("pre", "post", "sandwich"), depths=(6, 12),
                   lrs=(3e-3, 1e-2, 3e-2, 1e-1), warmups=(0, 30), seeds=(0,))
 
 
@@ -139,7 +142,7 @@ def run_cell(spec: CellSpec, curve_every: int = 10) -> dict:
     torch.manual_seed(spec.seed)
     model = LanguageModel(spec.block_config(), spec.depth, 256, spec.seq_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
-    scheduler = make_scheduler(optimizer, "cosine", spec.warmup, spec.steps, min_lr_ratio=0.1)
+    scheduler = make_scheduler(optimizer, "cosine", spec.warmup_steps, spec.steps, min_lr_ratio=0.1)
     data = LMBatches(train_tokens, spec.batch_size, spec.seq_len, seed=spec.seed)
     curve, diverged_step, first_loss = [], None, math.nan
     model.train()
@@ -195,6 +198,9 @@ class CellCache:
             row = json.loads(path.read_text())
         except (OSError, ValueError):
             return None  # unreadable: recompute (atomic writes make this a foreign file, not a torn one)
+        if "warmup" in row and "warmup_steps" not in row:  # cached before the field's rename
+            row["warmup_steps"] = row.pop("warmup")
+        row.setdefault("device", "cpu")
         return row if row.get("version") == ATLAS_VERSION and row.get("status") in STATUSES else None
 
     def put(self, row: dict) -> None:
@@ -220,7 +226,7 @@ def _init_worker() -> None:
 
 
 def _format_spec(spec: CellSpec) -> str:
-    return f"{spec.norm}/{spec.placement} L{spec.depth} lr {spec.lr:g} warmup {spec.warmup} seed {spec.seed}"
+    return f"{spec.norm}/{spec.placement} L{spec.depth} lr {spec.lr:g} warmup {spec.warmup_steps} seed {spec.seed}"
 
 
 def run_cells(specs: Iterable[CellSpec], cache_dir: str | Path, *, jobs: int = 1, progress: bool = True,
@@ -357,13 +363,13 @@ def stable_lr_table(rows: list[dict]) -> list[dict]:
     """Per norm x placement x depth x warmup: the largest learning rate at which every seed trains, and
     whether every smaller learning rate of the grid trains too (``monotone``)."""
     table = []
-    for (norm, placement, depth, warmup), group in _groups(rows, ("norm", "placement", "depth", "warmup")).items():
+    for (norm, placement, depth, warmup), group in _groups(rows, ("norm", "placement", "depth", "warmup_steps")).items():
         per_lr = {lr: cell_summary(seeds) for (lr,), seeds in sorted(_groups(group, ("lr",)).items())}
         stable = [lr for lr, s in per_lr.items() if s["status"] == "trains"]
         largest = max(stable) if stable else None
         monotone = largest is not None and all(per_lr[lr]["status"] == "trains" for lr in per_lr if lr <= largest)
         best_lr = min((lr for lr in stable), key=lambda lr: per_lr[lr]["mean_val_loss"], default=None)
-        table.append({"norm": norm, "placement": placement, "depth": depth, "warmup": warmup,
+        table.append({"norm": norm, "placement": placement, "depth": depth, "warmup_steps": warmup,
                       "largest_stable_lr": largest, "monotone": monotone, "best_lr": best_lr,
                       "best_val_loss": per_lr[best_lr]["mean_val_loss"] if best_lr else math.nan,
                       "n_lrs_stable": len(stable), "n_lrs": len(per_lr)})
@@ -376,7 +382,8 @@ def _fmt_lr(lr) -> str:
 
 def write_atlas(out_dir: Path, rows: list[dict], grid: AtlasGrid) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = [k for k in rows[0] if k != "curve"]
+    spec_fields = [f.name for f in fields(CellSpec)]
+    columns = spec_fields + [k for k in rows[0] if k not in spec_fields and k != "curve"]
 
     def write_csv(path: Path, items: list[dict], names: list[str]) -> None:
         def write(tmp: str) -> None:
@@ -405,7 +412,7 @@ def headline_table(table: list[dict], grid: AtlasGrid) -> list[str]:
     header = ["norm", "placement"] + [f"L{d} {'no warmup' if w == 0 else f'warmup {w}'}"
                                       for d in grid.depths for w in warmups]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    index = {(t["norm"], t["placement"], t["depth"], t["warmup"]): t for t in table}
+    index = {(t["norm"], t["placement"], t["depth"], t["warmup_steps"]): t for t in table}
     for norm in grid.norms:
         for placement in grid.placements:
             cells = []
@@ -447,12 +454,12 @@ def summary_markdown(rows: list[dict], table: list[dict], grid: AtlasGrid, figur
     ]
     for d in grid.depths:
         for w in grid.warmups:
-            candidates = [t for t in table if t["depth"] == d and t["warmup"] == w and t["best_lr"]]
+            candidates = [t for t in table if t["depth"] == d and t["warmup_steps"] == w and t["best_lr"]]
             if candidates:
                 best = min(candidates, key=lambda t: t["best_val_loss"])
                 lines.append(f"| {d} | {w} | {best['norm']} x {best['placement']} | {best['best_lr']:g} | "
                              f"{best['best_val_loss']:.3f} | {best['best_val_loss'] / math.log(2):.3f} |")
-    summaries = [cell_summary(s) for s in _groups(rows, ("norm", "placement", "depth", "lr", "warmup")).values()]
+    summaries = [cell_summary(s) for s in _groups(rows, ("norm", "placement", "depth", "lr", "warmup_steps")).values()]
     spreads = sorted(s["seed_spread"] for s in summaries if s["status"] == "trains" and math.isfinite(s["seed_spread"]))
     mixed = sum(s["status"] == "mixed" for s in summaries)
     if spreads:
@@ -476,11 +483,11 @@ def plot_heatmap(path: Path, rows: list[dict], grid: AtlasGrid, depth: int) -> P
     labels = [f"{n} / {p}" for n in grid.norms for p in grid.placements]
     lrs = list(grid.lrs)
     entropy = rows[0]["unigram_entropy"]
-    groups = _groups([r for r in rows if r["depth"] == depth], ("norm", "placement", "warmup", "lr"))
+    groups = _groups([r for r in rows if r["depth"] == depth], ("norm", "placement", "warmup_steps", "lr"))
     trained = [r["final_val_loss"] for r in rows if r["status"] == "trains"]
     vmin = min(trained, default=entropy - 1)
     fig, axes = plt.subplots(1, len(grid.warmups), figsize=(2.2 + 1.1 * len(lrs) * len(grid.warmups),
-                                                              1.2 + 0.24 * len(labels)),
+                                                              max(3.6, 1.2 + 0.24 * len(labels))),
                              squeeze=False, sharey=True, layout="constrained")
     cmap = plt.get_cmap("viridis_r").with_extremes(bad="#d9d9d9")
     image = None
@@ -505,7 +512,7 @@ def plot_heatmap(path: Path, rows: list[dict], grid: AtlasGrid, depth: int) -> P
             ax.axhline(i - 0.5, color="white", lw=1.5)
         ax.set_xlabel("peak learning rate")
         ax.set_title("no warmup" if warmup == 0 else f"{warmup} warmup steps", fontsize=10)
-    fig.colorbar(image, ax=axes[0].tolist(), label="final validation loss (nats/byte), mean over seeds", shrink=0.6)
+    fig.colorbar(image, ax=axes[0].tolist(), label="final validation loss\n(nats/byte, mean over seeds)", shrink=0.8)
     fig.suptitle(f"Stability atlas, {depth} layers: x diverged, s stuck (>= unigram entropy - {STUCK_MARGIN}), "
                  f"k/n seeds train", fontsize=10)
     fig.savefig(path, dpi=110)

@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "at the unigram entropy, diverged) and write heatmaps per depth, the largest stable learning "
                     "rate per norm x placement x depth, CSV/JSON of every cell and summary.md. Finished cells are "
                     "cached in OUT/cells: Ctrl-C and run the same command to resume; a larger grid reuses a "
-                    "smaller one's cells. On 2 CPU cores the default grid takes about 45 minutes, --quick about 2; "
+                    "smaller one's cells. On 2 CPU cores the default grid takes about 45 minutes, --quick about 3; "
                     "a machine with more cores runs more cells at once (--jobs, one thread each), and --device cuda "
                     "trains cells on a GPU (several jobs can share it), which makes longer cells and deeper grids "
                     "(--steps, --depths) affordable.")

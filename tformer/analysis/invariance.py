@@ -153,6 +153,23 @@ def invariance_table(seed: int = 0) -> list[dict]:
     return rows
 
 
+#: Column names of the yes/no table (API.md: ``tformer analyze invariance --out DIR`` writes DIR/invariance.csv).
+COLUMNS = ("weight_matrix_rescaling", "weight_matrix_recentering", "weight_vector_rescaling", "dataset_rescaling",
+           "dataset_recentering", "single_case_rescaling")
+
+
+def write_yes_no(path: Path, rows: list[dict]) -> None:
+    """One row per registered norm (training mode, as blocks build it): ``norm`` then yes/no per transformation."""
+    from ..norms import NORMS
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["norm", *COLUMNS])
+        for r in rows:
+            if r["norm"] in NORMS:
+                writer.writerow([r["norm"], *("yes" if is_invariant(r[t]) else "no" for t in TRANSFORMS)])
+
+
 def is_invariant(change: float) -> bool:
     return change < TOLERANCE
 
@@ -166,11 +183,13 @@ def paper_check(rows: list[dict]) -> dict[str, list[str]]:
 
 
 def write_invariance(out: Path, rows: list[dict]) -> str:
-    """``invariances.csv`` (the relative changes), ``invariances.png``; returns the markdown summary."""
+    """``invariances.csv`` (the relative changes of every row), ``invariance.csv`` (yes/no, one row per registered
+    norm), ``invariances.png``; returns the markdown summary."""
     with open(out / "invariances.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    write_yes_no(out / "invariance.csv", rows)
     _plot(out / "invariances.png", rows)
     short = ("W re-scale", "W re-center", "w_i re-scale", "data re-scale", "data re-center", "case re-scale")
     table = ["| norm | " + " | ".join(short) + " |", "|---|" + "---|" * len(short)]

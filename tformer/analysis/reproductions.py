@@ -337,9 +337,15 @@ def warmup_ablation(out: Path, quick: bool = False) -> str:
 
 
 def invariance(out: Path, quick: bool = False) -> str:
+    import shutil
+
     from .invariance import invariance_table, write_invariance
 
-    return write_invariance(out, invariance_table())
+    summary = write_invariance(out, invariance_table())
+    # API.md's contract: `analyze invariance --out DIR` leaves the yes/no table and a figure in DIR itself
+    shutil.copyfile(out / "invariance.csv", out.parent / "invariance.csv")
+    shutil.copyfile(out / "invariances.png", out.parent / "invariance.png")
+    return summary
 
 
 # ------------------------------------------------------------------------------ DeepNet's depth claim
