@@ -68,3 +68,18 @@ def test_inspect_reports_a_bad_file(tmp_path, capsys):
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "tformer", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and f"usage: tformer {command}" in result.stdout
+
+
+def test_version(capsys):
+    import tformer
+    from tformer.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tformer {tformer.__version__}"
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert tomllib.loads(pyproject.read_text())["project"]["version"] == tformer.__version__

@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tformer",
         description="Transformer blocks where the placement of normalization is a first-class design axis.",
     )
+    from tformer import __version__
+
+    parser.add_argument("--version", action="version", version=f"tformer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="list the registered norms, placements and attention backends",
                                description="List the registered norms, placements, activations and attention "
