@@ -222,7 +222,15 @@ class AtlasInterrupted(KeyboardInterrupt):
 
 
 def _init_worker() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it caches, then stops us
     torch.set_num_threads(1)
+
+
+def _run_one(item: tuple[Callable[[CellSpec], dict], CellSpec]) -> tuple[CellSpec, dict]:
+    runner, spec = item
+    return spec, runner(spec)
 
 
 def _format_spec(spec: CellSpec) -> str:
@@ -270,21 +278,13 @@ def run_cells(specs: Iterable[CellSpec], cache_dir: str | Path, *, jobs: int = 1
 
 
 def _run_parallel(todo: list[CellSpec], jobs: int, runner, finished) -> None:
+    """``todo`` in ``jobs`` spawned processes (longest first, as submitted); leaving the pool, normally or by
+    Ctrl-C or an error, terminates the workers, so an interrupted atlas exits at once."""
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker)
-    try:
-        pending = {pool.submit(runner, spec): spec for spec in todo}
-        while pending:
-            ready, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in ready:
-                finished(pending.pop(future), future.result())
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
+        for spec, row in pool.imap_unordered(_run_one, [(runner, spec) for spec in todo]):
+            finished(spec, row)
 
 
 def check_grid(grid: AtlasGrid) -> None:
