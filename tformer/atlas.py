@@ -22,18 +22,17 @@ stable learning rate per norm x placement x depth x warmup), ``heatmap_depth<D>.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, write_csv
 from .config import BlockConfig
 from .data import unigram_entropy
 from .errors import ConfigError
@@ -65,13 +64,7 @@ class CellSpec:
     device: str = "cpu"  # "cuda": the same cell on a GPU (its own cache entry: float results differ slightly)
 
     def key(self) -> str:
-        fields_ = asdict(self)
-        # the key's serialization is frozen so renames and new fields never orphan cached cells: warmup_steps
-        # was named warmup, and CPU cells carry no device
-        fields_["warmup"] = fields_.pop("warmup_steps")
-        if fields_["device"] == "cpu":
-            del fields_["device"]
-        text = json.dumps({"version": ATLAS_VERSION, **fields_}, sort_keys=True)
+        text = json.dumps({"version": ATLAS_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def cost(self) -> float:
@@ -101,9 +94,7 @@ class AtlasGrid:
                 for lr in self.lrs for w in self.warmups for s in self.seeds]
 
     def describe(self) -> dict:
-        base = CellSpec("layernorm", "pre", 1, 1e-3, 0)
-        settings = {f.name: getattr(base, f.name) for f in fields(CellSpec)
-                    if f.name not in ("norm", "placement", "depth", "lr", "warmup_steps", "seed")}
+        settings = {f.name: f.default for f in fields(CellSpec) if f.default is not MISSING and f.name != "seed"}
         settings.update(self.cell)
         return {"norms": list(self.norms), "placements": list(self.placements), "depths": list(self.depths),
                 "lrs": list(self.lrs), "warmups": list(self.warmups), "seeds": list(self.seeds),
@@ -198,18 +189,10 @@ class CellCache:
             row = json.loads(path.read_text())
         except (OSError, ValueError):
             return None  # unreadable: recompute (atomic writes make this a foreign file, not a torn one)
-        if "warmup" in row and "warmup_steps" not in row:  # cached before the field's rename
-            row["warmup_steps"] = row.pop("warmup")
-        row.setdefault("device", "cpu")
         return row if row.get("version") == ATLAS_VERSION and row.get("status") in STATUSES else None
 
-    def put(self, row: dict) -> None:
-        spec = CellSpec(**{f.name: row[f.name] for f in fields(CellSpec)})
-
-        def write(tmp: str) -> None:
-            Path(tmp).write_text(json.dumps(row, allow_nan=True))
-
-        atomic_write(self.path(spec), write)
+    def put(self, spec: CellSpec, row: dict) -> None:
+        atomic_write(self.path(spec), lambda tmp: Path(tmp).write_text(json.dumps(row)))
 
 
 class AtlasInterrupted(KeyboardInterrupt):
@@ -256,7 +239,7 @@ def run_cells(specs: Iterable[CellSpec], cache_dir: str | Path, *, jobs: int = 1
 
     def finished(spec: CellSpec, row: dict) -> None:
         nonlocal done
-        cache.put(row)
+        cache.put(spec, row)
         results[spec] = row
         done += 1
         bar.set_description_str(f"{desc}: cells {cached + done}/{len(specs)} ({cached} cached)", refresh=False)
@@ -315,8 +298,7 @@ def check_grid(grid: AtlasGrid) -> None:
     if any(w >= steps for w in grid.warmups):
         raise ConfigError(f"atlas: every warmup must be shorter than the {steps} steps of a cell, "
                           f"got warmups {list(grid.warmups)}")
-    for spec in {replace(grid.cells()[0], norm=n, placement=p, depth=2)
-                 for n in grid.norms for p in grid.placements}:
+    for spec in (CellSpec(n, p, 2, grid.lrs[0], 0, **grid.cell) for n in grid.norms for p in grid.placements):
         try:
             spec.block_config()
         except (ConfigError, ValueError, TypeError) as error:
@@ -385,22 +367,13 @@ def write_atlas(out_dir: Path, rows: list[dict], grid: AtlasGrid) -> None:
     spec_fields = [f.name for f in fields(CellSpec)]
     columns = spec_fields + [k for k in rows[0] if k not in spec_fields and k != "curve"]
 
-    def write_csv(path: Path, items: list[dict], names: list[str]) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(items)
-
-        atomic_write(path, write)
-
     write_csv(out_dir / "cells.csv", rows, columns)
     cells = [{k: v for k, v in row.items() if k != "curve"} for row in rows]  # curves stay in the cache
     text = ('{"grid": ' + json.dumps(grid.describe()) + ',\n"cells": [\n' + ",\n".join(json.dumps(c) for c in cells)
             + "\n]}\n")  # one cell per line: small and diffable
     atomic_write(out_dir / "cells.json", lambda tmp: Path(tmp).write_text(text))
     table = stable_lr_table(rows)
-    write_csv(out_dir / "stable_lr.csv", table, list(table[0]))
+    write_csv(out_dir / "stable_lr.csv", table)
     figures = [plot_heatmap(out_dir / f"heatmap_depth{d}.png", rows, grid, d) for d in grid.depths]
     summary = summary_markdown(rows, table, grid, [f.name for f in figures])
     atomic_write(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(summary))
@@ -518,11 +491,6 @@ def plot_heatmap(path: Path, rows: list[dict], grid: AtlasGrid, depth: int) -> P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def load_cells(path: str | Path) -> list[dict]:
-    """Rows from a ``cells.json`` written by ``write_atlas``."""
-    return json.loads(Path(path).read_text())["cells"]
 
 
 def make_grid(preset: str = "default", **axes) -> AtlasGrid:

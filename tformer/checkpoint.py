@@ -72,6 +72,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> Path:
+    """``rows`` as a CSV file through ``atomic_write``; ``columns`` (default: the first row's keys) in order,
+    any other key left out."""
+    import csv
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns or list(rows[0]), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
+
+
 def _without_block_defaults(cfg: BlockConfig) -> BlockConfig:
     """Format 1 predates ``block_defaults`` (e.g. PowerNorm's one group per head in blocks): its norms were
     built with their constructors' own defaults, so those are pinned in ``norm_options``."""

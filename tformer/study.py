@@ -11,7 +11,6 @@ Outputs: ``results.csv``, ``results.md`` (table and verdict) and ``loss_curves.p
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from .analysis.plots import pyplot
 from .config import BlockConfig
 from .atlas import STUCK_MARGIN
+from .checkpoint import write_csv
 from .data import corpus_splits
 from .data import unigram_entropy as token_entropy
 from .recipe_config import load_config
@@ -125,10 +125,7 @@ def verdict(rows: list[StudyRow], margin: float = 0.1) -> list[str]:
 
 
 def write_results(out_dir: Path, rows: list[StudyRow], curves: dict, summary: dict) -> None:
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    write_csv(out_dir / "results.csv", [asdict(r) for r in rows])
     header = ("| placement | norm | warmup steps | final val loss | final bits/byte | best val loss | status | "
               "steps to target | seconds |")
     lines = [

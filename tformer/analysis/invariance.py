@@ -23,12 +23,13 @@ its warmup (when its training forward, too, divides by the running statistic). W
 from __future__ import annotations
 
 import copy
-import csv
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..checkpoint import write_csv
 
 TRANSFORMS = (
     "weight matrix re-scaling", "weight matrix re-centering", "weight vector re-scaling",
@@ -162,12 +163,8 @@ def write_yes_no(path: Path, rows: list[dict]) -> None:
     """One row per registered norm (training mode, as blocks build it): ``norm`` then yes/no per transformation."""
     from ..norms import NORMS
 
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["norm", *COLUMNS])
-        for r in rows:
-            if r["norm"] in NORMS:
-                writer.writerow([r["norm"], *("yes" if is_invariant(r[t]) else "no" for t in TRANSFORMS)])
+    write_csv(path, [{"norm": r["norm"], **{c: "yes" if is_invariant(r[t]) else "no" for c, t in zip(COLUMNS, TRANSFORMS)}}
+                     for r in rows if r["norm"] in NORMS])
 
 
 def is_invariant(change: float) -> bool:
@@ -185,10 +182,7 @@ def paper_check(rows: list[dict]) -> dict[str, list[str]]:
 def write_invariance(out: Path, rows: list[dict]) -> str:
     """``invariances.csv`` (the relative changes of every row), ``invariance.csv`` (yes/no, one row per registered
     norm), ``invariances.png``; returns the markdown summary."""
-    with open(out / "invariances.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "invariances.csv", rows)
     write_yes_no(out / "invariance.csv", rows)
     _plot(out / "invariances.png", rows)
     short = ("W re-scale", "W re-center", "w_i re-scale", "data re-scale", "data re-center", "case re-scale")

@@ -16,7 +16,6 @@ running statistic as it stands before the step: BatchNorm's mean and variance, P
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import write_csv
 from ..config import BlockConfig
 from ..data import _generator, corpus_splits
 from ..models import EncoderModel
@@ -58,7 +58,7 @@ class MaskedBytes:
         return inputs, targets, padding
 
 
-class Tagger(nn.Module):
+class MaskedByteEncoder(nn.Module):
     """An encoder and a per-position classifier (untied)."""
 
     def __init__(self, cfg: BlockConfig, n_layers: int, vocab_size: int, max_seq_len: int):
@@ -119,7 +119,7 @@ def train_encoder(norm: str, seed: int, *, steps: int = 500, n_layers: int = 4, 
     options = {"warmup_iters": max(1, steps // 5)} if norm == "powernorm" else {}  # then the running statistic
     cfg = BlockConfig(d_model=d_model, n_heads=4, d_ff=4 * d_model, norm=norm, placement=placement, dropout=0.0,
                       norm_options=options)
-    model = Tagger(cfg, n_layers, VOCAB, data.max_len)
+    model = MaskedByteEncoder(cfg, n_layers, VOCAB, data.max_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = make_scheduler(optimizer, "cosine", warmup, steps, min_lr_ratio=0.1)
     probe_norm = _first_batch_norm(model)
@@ -163,21 +163,11 @@ def powernorm_study(out: Path, quick: bool = False) -> str:
     seeds = (0,) if quick else (0, 1, 2, 3, 4)
     steps = 60 if quick else 500
     runs = [train_encoder(norm, seed, steps=steps) for norm in NORMS for seed in seeds]
-    with open(out / "final.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["norm", "seed", "status", "val_loss", "val_accuracy", "final_train_loss"],
-                               extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(runs)
-    with open(out / "statistics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["norm", "seed", "step", "statistic", "distance", "relative"])
-        for r in runs:
-            for step, row in enumerate(r["stats"], 1):
-                for stat in ("mean", "var", "psi2"):
-                    if stat in row:
-                        relative = row.get(f"{stat}_relative")
-                        writer.writerow([r["norm"], r["seed"], step, stat, f"{row[stat]:.5g}",
-                                         "" if relative is None else f"{relative:.5g}"])
+    write_csv(out / "final.csv", runs, ["norm", "seed", "status", "val_loss", "val_accuracy", "final_train_loss"])
+    write_csv(out / "statistics.csv", [
+        {"norm": r["norm"], "seed": r["seed"], "step": step, "statistic": stat, "distance": f"{row[stat]:.5g}",
+         "relative": f"{row[f'{stat}_relative']:.5g}" if f"{stat}_relative" in row else ""}
+        for r in runs for step, row in enumerate(r["stats"], 1) for stat in ("mean", "var", "psi2") if stat in row])
     _plot(out / "statistics.png", runs)
 
     def summary(norm):

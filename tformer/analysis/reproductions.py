@@ -7,7 +7,6 @@ zero biases, embeddings scaled by sqrt(d)): the setting the papers analyse.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import write_csv
 from ..config import BlockConfig
 from ..data import LMBatches, corpus_splits
 from ..models import LanguageModel
@@ -46,13 +46,6 @@ def _lm(placement: str, n_layers: int, d_model: int = 256, seq_len: int = 128, n
     return LanguageModel(cfg, n_layers, 256, seq_len)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 # ------------------------------------------------------------------------------ Xiong Fig. 3 (a)/(b)
 
 
@@ -66,7 +59,7 @@ def xiong_fig3(out: Path, quick: bool = False) -> str:
             if r["param"] in ("ffn.w1", "ffn.w2"):
                 rows.append({"placement": placement, "layer": r["layer"] + 1, "param": r["param"],
                              "expected_grad_norm": r["grad_norm"], "mean_grad_norm": r["mean_grad_norm"]})
-    _write_csv(out / "ffn_gradients.csv", rows)
+    write_csv(out / "ffn_gradients.csv", rows)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, param in zip(axes, ("ffn.w1", "ffn.w2")):
@@ -126,7 +119,7 @@ def xiong_depth(out: Path, quick: bool = False) -> str:
             last = [r for r in expected_gradient_scales(model, batches, lm_loss)
                     if r["param"] == "ffn.w2" and r["layer"] == depth - 1][0]
             rows.append({"placement": placement, "layers": depth, "last_w2_grad_norm": last["grad_norm"]})
-    _write_csv(out / "last_layer_gradient.csv", rows)
+    write_csv(out / "last_layer_gradient.csv", rows)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for placement in ("post", "pre"):
@@ -188,7 +181,7 @@ def xiong_lemma2(out: Path, quick: bool = False) -> str:
             h.remove()
         for layer, values in sorted(captured.items()):
             rows.append({"placement": placement, "layer": layer + 1, "norm_sq_over_d": sum(values) / len(values)})
-    _write_csv(out / "residual_norms.csv", rows)
+    write_csv(out / "residual_norms.csv", rows)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for placement in ("post", "pre"):
@@ -259,7 +252,7 @@ def deepnet_updates(out: Path, quick: bool = False) -> str:
                     model.eval()
                     update = (model(probe) - start).norm().item() / math.sqrt(start.numel())
                 rows.append({"placement": placement, "step": step, "model_update": update, "loss": loss.item()})
-    _write_csv(out / "model_updates.csv", rows)
+    write_csv(out / "model_updates.csv", rows)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for placement in ("post", "deepnorm"):
@@ -368,7 +361,7 @@ def deepnet_depth(out: Path, quick: bool = False, jobs: int = 1) -> str:
     entropy = rows[0]["unigram_entropy"]
     table_rows = [{k: r[k] for k in ("placement", "depth", "steps", "status", "final_val_loss", "first_loss",
                                      "diverged_step", "seconds")} for r in rows + list(long_rows.values())]
-    _write_csv(out / "depth.csv", table_rows)
+    write_csv(out / "depth.csv", table_rows)
     by = {(r["placement"], r["depth"]): r for r in rows}
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
