@@ -13,6 +13,12 @@ measured in the same process, so the shared machine's noise cancels out. The RMS
 - ``tformer rmsnorm, LayerNorm-backward route``: ``RMSNormFunction``, used without a compiler;
 - ``tformer rmsnorm``: the default, the C kernel of ``tformer.kernels``, which asks for huge
   pages on outputs over 32 MiB; ``tformer rmsnorm, no huge-page advice``: the same kernel without.
+
+Every registered norm has a ``tformer <name>`` row (training mode, no padding mask: PowerNorm and
+BatchNorm use batch statistics). DyT, ScaleNorm, AdaNorm, PowerNorm and BatchNorm run their C kernels
+(``tformer.fused_norms``) there; their ``tformer <name>, composite route`` rows are the same module on
+its pure-PyTorch route (what runs without a compiler, on other dtypes and devices). The text output
+ends with each norm's ratio against the target of issue 13 (<= 1.5x nn.LayerNorm).
 """
 
 from __future__ import annotations
@@ -29,8 +35,12 @@ import torch
 from torch import nn
 
 import tformer
-from tformer import kernels
+from tformer import fused_norms, kernels
 from tformer.rmsnorm import RMSNormFunction
+
+#: the norms with C kernels in tformer.fused_norms, and the target of issue 13 for them
+FUSED = ("dyt", "scalenorm", "adanorm", "powernorm", "batchnorm")
+TARGET = 1.5
 
 
 class LayerNormRouteRMSNorm(nn.Module):
@@ -56,12 +66,27 @@ def forward_backward(norm: nn.Module, hugepages: bool = True):
     return run
 
 
+def composite_route(norm: nn.Module):
+    """One forward+backward of ``norm`` with the fused kernels switched off (its pure-PyTorch route)."""
+    def run(x: torch.Tensor, grad: torch.Tensor) -> None:
+        saved = fused_norms._kernels_available
+        fused_norms._kernels_available = lambda: False
+        try:
+            norm(x).backward(grad)
+        finally:
+            fused_norms._kernels_available = saved
+    return run
+
+
 def candidates(d: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], None]]:
     norms = {"nn.LayerNorm": nn.LayerNorm(d), "nn.RMSNorm": nn.RMSNorm(d, eps=1e-5),
              "torch.compile(nn.RMSNorm)": torch.compile(nn.RMSNorm(d, eps=1e-5), dynamic=False),
              "tformer rmsnorm, LayerNorm-backward route": LayerNormRouteRMSNorm(d)}
     norms.update({f"tformer {name}": tformer.make_norm(name, d) for name in tformer.NORMS if name != "none"})
     runs = {name: forward_backward(norm) for name, norm in norms.items()}
+    for name in FUSED:
+        if name in tformer.NORMS:
+            runs[f"tformer {name}, composite route"] = composite_route(tformer.make_norm(name, d))
     kernels.available()  # load now, so the variant below knows whether huge pages are on
     if kernels._hugepages:
         runs["tformer rmsnorm, no huge-page advice"] = forward_backward(norms["tformer rmsnorm"], hugepages=False)
@@ -110,6 +135,13 @@ def main() -> None:
     print(f"{'candidate':42s} {'ms':>8s} {'/ LayerNorm':>12s}")
     for name, seconds in results.items():
         print(f"{name:42s} {seconds * 1e3:8.2f} {seconds / ln:12.2f}")
+    noise = abs(results["tformer layernorm"] / ln - 1.0)
+    print(f"target <= {TARGET}x nn.LayerNorm (the same LayerNorm kernel twice differs by {noise:.2f}: the noise):")
+    for name in FUSED:
+        if f"tformer {name}" in results:
+            ratio = results[f"tformer {name}"] / ln
+            print(f"  {'met' if ratio <= TARGET else 'NOT met'}: {name} {ratio:.2f}x "
+                  f"(composite route {results[f'tformer {name}, composite route'] / ln:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shlex
 import subprocess
@@ -15,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tformer import kernels
+import tformer
+from tformer import fused_norms, kernels
+from tformer.norms import norm_traits
 from tformer.rmsnorm import RMSNormFunction, rms_norm
 
 needs_kernels = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
@@ -144,7 +147,7 @@ def test_switched_off_by_the_environment(fresh_kernels, monkeypatch):
     assert not status.available and kernels.ENV_SWITCH in status.reason
     x, weight, grad = torch.randn(3, 16), torch.randn(16), torch.randn(3, 16)
     y = rms_norm(x.requires_grad_(), weight, 1e-5)
-    assert "RMSNormFunction" in type(y.grad_fn).__name__
+    assert "RMSNormFunction" in _route(y)
     for g, w in zip(run(rms_norm, x, weight, 1e-5, grad), reference(x, weight, 1e-5, grad)):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="not in use"):
@@ -557,3 +560,197 @@ def test_the_cache_key_reads_the_isa_features_and_march_native():
     assert flags and flags in kernels._build._cpu_signature()
     target = kernels._build._native_target(tuple(kernels._compiler()))
     assert "-march=" in target or "-target-cpu" in target or "-mcpu=" in target, target
+
+
+# ---- The other norms' kernels (norms.c through tformer.fused_norms) ------------------------------
+
+
+#: (norm, options, padding mask or not): every kernel route, and the padded BatchNorm one
+NORM_CASES = [
+    ("dyt", {}, False), ("dyt", {"bias": False, "alpha_init": 1.7}, False),
+    ("scalenorm", {}, False), ("adanorm", {}, False), ("adanorm", {"k": 0.3, "scale": 2.0}, False),
+    ("powernorm", {"warmup_iters": 1}, False), ("powernorm", {"group_num": 4, "warmup_iters": 0}, False),
+    ("powernorm", {"group_num": 0, "bias": False, "warmup_iters": 5}, False),
+    ("powernorm", {"group_num": 4, "warmup_iters": 1}, True),
+    ("batchnorm", {}, False), ("batchnorm", {"bias": False}, False), ("batchnorm", {}, True),
+]
+#: the autograd Function each kernel route runs (eager)
+KERNEL_FUNCTIONS = {"dyt": "_DyTFunction", "scalenorm": "_ScaleNormFunction", "adanorm": "_AdaNormFunction",
+                    "powernorm": "PowerNormKernelFunction", "batchnorm": "BatchNormKernelFunction"}
+
+
+def _route(y):
+    """The autograd node names behind ``y`` (through a reshaping view)."""
+    node = y.grad_fn
+    names = [type(node).__name__]
+    if node.next_functions and node.next_functions[0][0] is not None:
+        names.append(type(node.next_functions[0][0]).__name__)
+    return " ".join(names)
+
+
+def _norm_pair(name, options, dtype):
+    torch.manual_seed(0)
+    norm = tformer.make_norm(name, 32, **options).to(dtype)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return norm, copy.deepcopy(norm)
+
+
+def _steps(norm, x, grad, pad, steps=2):
+    """Outputs, input gradients and parameter gradients of ``steps`` training steps, then the buffers."""
+    results = []
+    for _ in range(steps):
+        leaf = x.detach().clone().requires_grad_()
+        for p in norm.parameters():
+            p.grad = None
+        y = norm(leaf, padding_mask=pad)
+        y.backward(grad)
+        results += [y.detach(), leaf.grad, *(p.grad for p in norm.parameters())]
+    return results + [b.clone() for b in norm.buffers()], y
+
+
+def _inputs(dtype, pad):
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 32, dtype=dtype) * 2 + 0.5
+    x[0, 1] = 0  # ScaleNorm: a row below eps, where the clamp cuts the gradient off
+    grad = torch.randn(3, 7, 32, dtype=dtype)
+    mask = torch.rand(3, 7) < 0.3 if pad else None
+    return x, grad, mask
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, options, pad", NORM_CASES, ids=lambda v: str(v))
+def test_norm_kernels_match_the_composite_route(monkeypatch, name, options, pad, dtype):
+    """Forward, every gradient and every buffer (running statistics, nu, iters) after two steps equal
+    the pure-PyTorch route's (float64 to 1e-10, float32 to 1e-5)."""
+    kernel_norm, composite_norm = _norm_pair(name, options, dtype)
+    x, grad, mask = _inputs(dtype, pad)
+    got, y = _steps(kernel_norm, x, grad, mask)
+    assert KERNEL_FUNCTIONS[name] in _route(y)
+    monkeypatch.setattr(fused_norms, "_kernels_available", lambda: False)
+    want, y = _steps(composite_norm, x, grad, mask)
+    assert KERNEL_FUNCTIONS[name] not in _route(y)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, options, pad", [c for c in NORM_CASES if norm_traits(c[0]).exact_gradient],
+                         ids=lambda v: str(v))
+def test_norm_kernels_gradcheck_float64(name, options, pad):
+    """DyT, ScaleNorm and BatchNorm have exact gradients: gradcheck the kernel route in float64."""
+    norm, _ = _norm_pair(name, options, torch.float64)
+    x, _, mask = _inputs(torch.float64, pad)
+    x = x[:2, :5, :].contiguous()
+    x[0, 1] = 0.3  # away from ScaleNorm's clamp, where the derivative jumps
+    mask = None if mask is None else mask[:2, :5]
+    params = dict(norm.named_parameters())
+
+    def f(x, *values):
+        return torch.func.functional_call(norm, dict(zip(params, values)), (x,), {"padding_mask": mask})
+
+    assert KERNEL_FUNCTIONS[name] in _route(f(x.requires_grad_(), *params.values()))
+    assert torch.autograd.gradcheck(f, (x, *params.values()), eps=1e-6, atol=1e-7)
+
+
+@needs_kernels
+def test_float32_tanh_is_accurate_everywhere():
+    """DyT's float32 kernel computes tanh itself: within 1e-6 relative of float64 tanh, also near 0
+    (no cancellation), at the cut-off, for huge values, infinities and NaN."""
+    values = torch.cat([torch.linspace(-12, 12, 200_001), torch.logspace(-38, 1.5, 20_001),
+                        -torch.logspace(-38, 1.5, 20_001), torch.tensor([0.0, 1e-45, 10.0, 9.99, 1e30])])
+    values = torch.cat([values, torch.tensor([float("inf"), -float("inf"), float("nan")])]).float()
+    one, zero = torch.ones((), dtype=torch.float32), torch.zeros(1, dtype=torch.float32)
+    y, _ = kernels.dyt_forward(values.view(1, -1).contiguous(), one, torch.ones(values.numel()), None)
+    y = y.view(-1)
+    want = torch.tanh(values.double())
+    finite = ~want.isnan()
+    torch.testing.assert_close(y[finite].double(), want[finite], rtol=1e-6, atol=0)
+    assert y[-1].isnan() and y[-3] == 1 and y[-2] == -1 and zero.abs().sum() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["dyt", "scalenorm", "adanorm", "powernorm", "batchnorm"])
+def test_half_inputs_and_eval_mode_take_the_composite_route(name):
+    norm = tformer.make_norm(name, 16)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = norm(x.bfloat16())
+    assert KERNEL_FUNCTIONS[name] not in _route(y)  # (the composite promotes as before)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all()
+    if norm_traits(name).uses_batch_statistics:
+        norm.eval()
+        assert KERNEL_FUNCTIONS[name] not in _route(norm(x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["powernorm", "batchnorm"])
+def test_a_batch_without_real_tokens_takes_the_composite_route(monkeypatch, name):
+    kernel_norm, composite_norm = _norm_pair(name, {}, torch.float32)
+    x, grad, _ = _inputs(torch.float32, False)
+    pad = torch.ones(3, 7, dtype=torch.bool)
+    got, y = _steps(kernel_norm, x, grad, pad, steps=1)
+    assert KERNEL_FUNCTIONS[name] not in _route(y)
+    monkeypatch.setattr(fused_norms, "_kernels_available", lambda: False)
+    want, _ = _steps(composite_norm, x, grad, pad, steps=1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True)
+
+
+def test_norms_switched_off_by_the_environment_take_the_composite_route(fresh_kernels, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    for name, function in KERNEL_FUNCTIONS.items():
+        y = tformer.make_norm(name, 16)(torch.randn(2, 3, 16, requires_grad=True))
+        assert function not in _route(y)
+        y.sum().backward()
+
+
+@needs_kernels
+def test_norm_kernels_compile_into_one_graph():
+    """DyT, ScaleNorm and AdaNorm put their custom ops in the graph (fullgraph=True raises on a graph
+    break) and give eager's numbers; PowerNorm and BatchNorm compile their composite route."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, grad = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    for name, op in [("dyt", "tformer.dyt"), ("scalenorm", "tformer.scale_norm"), ("adanorm", "tformer.ada_norm"),
+                     ("powernorm", None), ("batchnorm", None)]:
+        eager, compiled_norm = _norm_pair(name, {}, torch.float32)
+        ops = []
+
+        def backend(graph, example_inputs, ops=ops):
+            ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+            return graph.forward
+
+        torch.compile(copy.deepcopy(eager), fullgraph=True, backend=backend)(x)
+        assert op is None or any(op in o for o in ops), (name, ops)
+        compiled = torch.compile(compiled_norm, fullgraph=True, backend="aot_eager")
+        got, _ = _steps(compiled, x, grad, None, steps=1)
+        want, _ = _steps(eager, x, grad, None, steps=1)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, options, pad", [c for c in NORM_CASES if c[1] == {} or c[2]], ids=lambda v: str(v))
+def test_norm_kernels_match_the_composite_route_on_several_threads(monkeypatch, name, options, pad):
+    """Large enough for the kernels' OpenMP regions (per-thread partial sums, BatchNorm's barriers)."""
+    kernel_norm, composite_norm = _norm_pair(name, options, torch.float64)
+    torch.manual_seed(2)
+    x, grad = torch.randn(4, 301, 32, dtype=torch.float64), torch.randn(4, 301, 32, dtype=torch.float64)
+    mask = torch.rand(4, 301) < 0.3 if pad else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got, y = _steps(kernel_norm, x, grad, mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert KERNEL_FUNCTIONS[name] in _route(y)
+    monkeypatch.setattr(fused_norms, "_kernels_available", lambda: False)
+    want, _ = _steps(composite_norm, x, grad, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)

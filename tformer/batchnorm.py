@@ -8,6 +8,12 @@ variance, and the running statistics in evaluation, updated in training as
 batch variance), as ``nn.BatchNorm1d`` does. Padding never enters a statistic. The gradient is the
 exact one (through the batch statistics). Statistics are computed in float32 for half inputs.
 
+Training on the CPU in float32/float64 outside ``torch.compile``, C kernels compute it
+(``tformer.fused_norms.BatchNormKernelFunction``): the statistics of the real tokens in one pass
+(sums shifted by a real token, totalled in float64), the output in a second, the backward's column sums and
+then the gradient in two more; same results to rounding, same running-statistic updates. Evaluation,
+other dtypes and devices, compiled graphs and batches without a real token take the composite below.
+
 Importing this module registers the ``batchnorm`` norm.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import fused_norms
 from .norms import NORMS, NormTraits
 
 
@@ -35,6 +42,12 @@ class SequenceBatchNorm(NormTraits, nn.Module):
         self.register_buffer("running_var", torch.ones(d_model))
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if (self.training and x.dim() >= 2 and x.numel() and not torch.compiler.is_compiling()
+                and fused_norms.takes_kernel(x, self.weight, self.bias)
+                and self.running_mean.dtype == self.running_var.dtype):
+            y = self._kernel_forward(x, padding_mask)
+            if y is not None:
+                return y
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         if self.training:
             # masked sums, not boolean indexing: no data-dependent shapes, so torch.compile keeps one graph
@@ -56,6 +69,25 @@ class SequenceBatchNorm(NormTraits, nn.Module):
             mean, var = self.running_mean.to(stat_dtype), self.running_var.to(stat_dtype)
         y = ((x.to(stat_dtype) - mean) * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def _kernel_forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        """Training by the C kernels; None (the composite runs) for a batch without real tokens."""
+        d = x.shape[-1]
+        rows = x.reshape(-1, d).contiguous()
+        keep = None if padding_mask is None else (~padding_mask).reshape(-1).contiguous()
+        count = rows.shape[0] if keep is None else int(keep.sum())
+        if keep is not None and count == rows.shape[0]:
+            keep = None  # no padding in this batch
+        if count == 0:
+            return None
+        with torch.no_grad():
+            mean, var = fused_norms.batch_norm_statistics(rows, keep, count)
+            unbiased = var * (count / max(count - 1.0, 1.0))
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+            rstd = (var + self.eps).rsqrt()
+        y = fused_norms.BatchNormKernelFunction.apply(rows, self.weight, self.bias, keep, mean, rstd, count)
+        return y.view(x.shape)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}"

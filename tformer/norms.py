@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused_norms
 from .errors import ConfigError
 from .registry import Registry
 
@@ -99,7 +100,8 @@ class ScaleNorm(NormTraits, nn.Module):
     """ScaleNorm (Nguyen & Salazar 2019): ``g * x / max(||x||_2, eps)`` with one learnable scalar ``g``.
 
     ``g`` starts at ``sqrt(d_model)``, so a fresh ScaleNorm maps every token to RMS 1 as LayerNorm
-    does. No bias (``bias`` is accepted for the uniform factory signature and ignored).
+    does. No bias (``bias`` is accepted for the uniform factory signature and ignored). On the CPU in
+    float32/float64 a C kernel computes it (``tformer.fused_norms``), elsewhere the composite below.
     """
 
     def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True):
@@ -108,6 +110,8 @@ class ScaleNorm(NormTraits, nn.Module):
         self.scale = nn.Parameter(torch.full((), d_model**0.5))
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if fused_norms.takes_kernel(x, self.scale):  # CPU float32/float64: one C pass each way
+            return fused_norms.scale_norm(x, self.scale, self.eps)
         return x * (self.scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(self.eps))
 
     def extra_repr(self) -> str:
@@ -118,7 +122,9 @@ class ScaleNorm(NormTraits, nn.Module):
 class DyT(NormTraits, nn.Module):
     """Dynamic Tanh (Zhu et al. 2025), a norm-free stand-in: ``g * tanh(a * x) + b``.
 
-    ``a`` is one learnable scalar, initialised to ``alpha_init`` (0.5 in the paper).
+    ``a`` is one learnable scalar, initialised to ``alpha_init`` (0.5 in the paper). On the CPU in
+    float32/float64 a C kernel computes it with a vectorized tanh (``tformer.fused_norms``; float32
+    tanh within 2e-7 relative), elsewhere the composite below.
     """
 
     normalizes = False
@@ -131,6 +137,8 @@ class DyT(NormTraits, nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if fused_norms.takes_kernel(x, self.alpha, self.weight, self.bias):  # CPU float32/float64: C kernel
+            return fused_norms.dyt(x, self.alpha, self.weight, self.bias)
         y = torch.tanh(self.alpha * x) * self.weight
         return y + self.bias if self.bias is not None else y
 
@@ -179,6 +187,10 @@ class AdaNorm(NormTraits, nn.Module):
     The paper writes the standard deviation as ``sqrt(mean((x - mean)^2))``; its code (fairseq
     ``LayerNormImpl``, mode ``adanorm``) divides by the *unbiased* standard deviation plus eps. We follow
     the paper, with eps inside the square root as LayerNorm has it.
+
+    On the CPU in float32/float64 a C kernel computes it (``tformer.fused_norms``): LayerNorm's
+    forward with the factor applied in the same pass, and LayerNorm's backward of ``dL/dz`` times
+    the factor, recomputed from the saved mean and rstd; elsewhere the composite below.
     """
 
     exact_gradient = False  # by design: the detached factor is treated as a constant
@@ -188,6 +200,8 @@ class AdaNorm(NormTraits, nn.Module):
         self.d_model, self.eps, self.k, self.scale = d_model, eps, k, scale
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if fused_norms.takes_kernel(x):  # CPU float32/float64: LayerNorm's passes with the factor fused in
+            return fused_norms.ada_norm(x, self.eps, self.k, self.scale)
         y = F.layer_norm(x, (self.d_model,), None, None, self.eps)
         return (self.scale * (1.0 - self.k * y)).detach() * y
 

@@ -29,6 +29,12 @@ Where this follows the paper and where the authors' code (fairseq ``mask_powerno
   attention head, and so do tformer's blocks (``group_num=0`` turns it off).
 * The official default ``warmup_iters`` is 10000; short experiments want a smaller value,
   e.g. ``BlockConfig(..., norm_options={"warmup_iters": 100})``.
+
+Training on the CPU in float32/float64 outside ``torch.compile``, C kernels
+(``tformer.fused_norms.PowerNormKernelFunction``) do the group scaling, the masked batch statistic,
+the output and the backward with the ``nu`` update in three passes over memory (the composite takes
+over a dozen), with the same running-statistic rules. Evaluation, other dtypes and devices, compiled
+graphs and batches without a real token take the composite route.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import fused_norms
 from .norms import NORMS, NormTraits
 
 
@@ -130,6 +137,11 @@ class PowerNorm(NormTraits, nn.Module):
         self.register_buffer("iters", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if (self.training and x.numel() and not torch.compiler.is_compiling()
+                and fused_norms.takes_kernel(x, self.weight, self.bias, self.running_psi2, self.nu)):
+            y = self._kernel_forward(x, padding_mask)  # group scaling included
+            if y is not None:
+                return y
         if self.group_num:
             x = group_scale(x, self.group_num, self.group_eps)
         if not self.training:
@@ -141,18 +153,50 @@ class PowerNorm(NormTraits, nn.Module):
         keep = None if padding_mask is None else (~padding_mask).unsqueeze(-1).to(stat_dtype)
         with torch.no_grad():
             batch_psi2 = masked_channel_mean(x.detach().to(stat_dtype).square(), keep).to(self.running_psi2.dtype)
-            self.iters += 1
-            in_warmup = self.iters <= self.warmup_iters
-            psi2 = torch.where(in_warmup, batch_psi2, self.running_psi2)
-            cumulative = self.running_psi2 + (batch_psi2 - self.running_psi2) / self.iters
-            ema = self.alpha_fwd * self.running_psi2 + (1.0 - self.alpha_fwd) * batch_psi2
-            new_running = torch.where(in_warmup, cumulative, ema)
+            psi2, new_running = self._running_update(batch_psi2)
         y = PowerNormFunction.apply(
             x, self.weight, self.bias, psi2, batch_psi2, self.nu, keep, self.alpha_bwd, self.eps
         )
         with torch.no_grad():
             self.running_psi2.copy_(new_running)
         return y
+
+    def _running_update(self, batch_psi2: Tensor) -> tuple[Tensor, Tensor]:
+        """``(psi2 for the forward, the new running_psi2)``; counts the iteration."""
+        self.iters += 1
+        in_warmup = self.iters <= self.warmup_iters
+        psi2 = torch.where(in_warmup, batch_psi2, self.running_psi2)
+        cumulative = self.running_psi2 + (batch_psi2 - self.running_psi2) / self.iters
+        ema = self.alpha_fwd * self.running_psi2 + (1.0 - self.alpha_fwd) * batch_psi2
+        return psi2, torch.where(in_warmup, cumulative, ema)
+
+    def _kernel_forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        """Training by the C kernels: the statistics and buffers of the composite route, the running
+        update written with Python scalars (eager only; fewer small ops, the same values). None (the
+        composite runs) for a batch without a real token."""
+        x = x.contiguous()
+        tokens = x.numel() // x.shape[-1]
+        keep = None if padding_mask is None else (~padding_mask).reshape(-1).contiguous()
+        count = tokens if keep is None else int(keep.sum())
+        if keep is not None and count == tokens:
+            keep = None  # no padding in this batch
+        if count == 0:
+            return None
+        with torch.no_grad():
+            r, sums = fused_norms.kernels.power_norm_stats(x, self.group_num, self.group_eps, keep)
+            batch_psi2 = sums.div_(count)
+            self.iters += 1
+            step = int(self.iters)
+            if step <= self.warmup_iters:  # the cumulative mean: running + (batch - running) / step
+                psi2 = batch_psi2
+                self.running_psi2.lerp_(batch_psi2, 1.0 / step)
+            else:  # alpha * running + (1 - alpha) * batch, normalizing by the running value before it
+                psi2 = self.running_psi2.clone()
+                self.running_psi2.lerp_(batch_psi2, 1.0 - self.alpha_fwd)
+        return fused_norms.PowerNormKernelFunction.apply(
+            x, self.weight, self.bias, r, psi2, batch_psi2, self.nu, keep, count, self.alpha_bwd, self.eps,
+            self.group_num,
+        )
 
     def extra_repr(self) -> str:
         return (

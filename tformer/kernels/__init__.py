@@ -2,10 +2,12 @@
 
 PyTorch has no fused RMSNorm on the CPU (``F.rms_norm`` is a composite of five or more
 full-size passes). ``rmsnorm.c`` does the forward and the backward in one pass over memory each,
-like ``nn.LayerNorm``'s kernel. It is plain C with OpenMP (no PyTorch headers), so building it
-takes a fraction of a second with the system's C compiler; the shared library is cached under
+like ``nn.LayerNorm``'s kernel; ``norms.c``, compiled into the same library, does the same for
+DyT, ScaleNorm, AdaNorm, PowerNorm and BatchNorm (``tformer.fused_norms`` wraps them; the batch
+statistics of the last two take one more pass each way). Both are plain C with OpenMP (no PyTorch
+headers), so building them takes about a second with the system's C compiler; the shared library is cached under
 ``$TFORMER_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tformer`` or ``~/.cache/tformer``) and loaded
-from there afterwards. Its file name is a hash of the source, the compiler and its version, the
+from there afterwards. Its file name is a hash of the sources, the compiler and its version, the
 flags, the CPU's ISA features (``/proc/cpuinfo``) and what ``-march=native`` resolves to, so a
 cache shared between machines never hands one a build for instructions it lacks. After a new
 build, builds of other keys unused for a day are deleted (``_build.prune``; nothing else is).
@@ -222,3 +224,165 @@ def _backward(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[
             grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
             grad_x.data_ptr(), partial.data_ptr(), x.numel() // d, d, parts)
     return grad_x, partial.sum(0)
+
+
+# The other norms (norms.c), unchecked like ``_forward``/``_backward``: ``tformer.fused_norms`` checks
+# that every tensor is a contiguous CPU tensor of one kernel dtype first. Column sums come back
+# through per-thread partial rows, summed here.
+
+def _call(name: str, x: Tensor, *args) -> None:
+    getattr(_library(), f"tformer_{name}_{KERNEL_DTYPES[x.dtype]}")(*args)
+
+
+def _ptr(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _partials(x: Tensor, width: int) -> tuple[Tensor, int]:
+    parts = max(1, torch.get_num_threads())
+    return x.new_zeros(parts, width), parts
+
+
+def dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor | None, keep_tanh: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+    """``(weight * tanh(alpha * x) + bias, tanh(alpha * x) if keep_tanh else None)``."""
+    d = x.shape[-1]
+    y, t = _fresh_like(x), (_fresh_like(x) if keep_tanh else None)
+    if x.numel():
+        _call("dyt_forward", x, x.data_ptr(), alpha.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(),
+              _ptr(t), x.numel() // d, d, torch.get_num_threads())
+    return y, t
+
+
+def dyt_backward(grad_y: Tensor, x: Tensor, t: Tensor | None, alpha: Tensor, weight: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_alpha, grad_weight, grad_bias)``; ``t`` the forward's tanh, or None to recompute it."""
+    d = x.shape[-1]
+    grad_x, (partial, parts) = _fresh_like(x), _partials(x, 2 * d + 1)
+    if x.numel():
+        _call("dyt_backward", x, grad_y.data_ptr(), x.data_ptr(), _ptr(t), alpha.data_ptr(), weight.data_ptr(),
+              grad_x.data_ptr(), partial.data_ptr(), x.numel() // d, d, parts)
+    total = partial.sum(0)
+    return grad_x, total[2 * d].clone(), total[:d].clone(), total[d:2 * d].clone()  # no aliases (custom ops)
+
+
+def scale_norm_forward(x: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(scale * x / max(|x|, eps), |x|)``; the norms have shape ``x.shape[:-1]``."""
+    d = x.shape[-1]
+    y, norm = _fresh_like(x), x.new_empty(x.shape[:-1])
+    if x.numel():
+        _call("scalenorm_forward", x, x.data_ptr(), scale.data_ptr(), y.data_ptr(), norm.data_ptr(),
+              x.numel() // d, d, float(eps), torch.get_num_threads())
+    return y, norm
+
+
+def scale_norm_backward(grad_y: Tensor, x: Tensor, scale: Tensor, norm: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_scale)``."""
+    d = x.shape[-1]
+    grad_x, (partial, parts) = _fresh_like(x), _partials(x, 1)
+    if x.numel():
+        _call("scalenorm_backward", x, grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), norm.data_ptr(),
+              grad_x.data_ptr(), partial.data_ptr(), x.numel() // d, d, float(eps), parts)
+    return grad_x, partial.sum()
+
+
+def ada_norm_forward(x: Tensor, eps: float, k: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, rstd)``: ``y = scale * (1 - k * u) * u`` with ``u`` LayerNorm's output without affine."""
+    d = x.shape[-1]
+    y, mean, rstd = _fresh_like(x), x.new_empty(x.shape[:-1]), x.new_empty(x.shape[:-1])
+    if x.numel():
+        _call("adanorm_forward", x, x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+              x.numel() // d, d, float(eps), float(k), float(scale), torch.get_num_threads())
+    return y, mean, rstd
+
+
+def ada_norm_backward(grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, k: float, scale: float) -> Tensor:
+    """``grad_x`` with the factor ``scale * (1 - k * u)`` held constant (detached)."""
+    d = x.shape[-1]
+    grad_x = _fresh_like(x)
+    if x.numel():
+        _call("adanorm_backward", x, grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+              grad_x.data_ptr(), x.numel() // d, d, float(k), float(scale), torch.get_num_threads())
+    return grad_x
+
+
+def power_norm_stats(x: Tensor, groups: int, group_eps: float, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(r, column sums of (x * r)^2)`` (summed in float64 over blocks of 64 rows summed in ``x``'s
+    dtype; only the rows where ``keep``, a bool per row, is True): ``r`` of shape ``(tokens, groups)`` is each token's
+    ``1 / rms`` within each channel group (GroupScaling1D; empty when ``groups`` is 0)."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    r = x.new_empty(rows, groups)
+    partial, parts = _partials(x.new_empty(0, dtype=torch.float64), d)
+    scratch = x.new_empty(parts, d)
+    if x.numel():
+        _call("powernorm_stats", x, x.data_ptr(), _ptr(keep), r.data_ptr(), scratch.data_ptr(), partial.data_ptr(),
+              rows, d, groups, float(group_eps), parts)
+    return r, partial.sum(0).to(x.dtype)
+
+
+def power_norm_forward(x: Tensor, r: Tensor, psi2: Tensor, weight: Tensor, bias: Tensor | None, groups: int,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """``((x * r) * scale * weight + bias, scale)`` with ``scale = 1 / sqrt(psi2 + eps)`` per channel."""
+    d = x.shape[-1]
+    y, scale = _fresh_like(x), x.new_empty(d)
+    _call("powernorm_forward", x, x.data_ptr(), r.data_ptr(), psi2.data_ptr(), weight.data_ptr(), _ptr(bias),
+          y.data_ptr(), scale.data_ptr(), x.numel() // d, d, groups, float(eps), torch.get_num_threads())
+    return y, scale
+
+
+def power_norm_backward(grad_y: Tensor, x: Tensor, r: Tensor, scale: Tensor, batch_psi2: Tensor, nu: Tensor,
+                        weight: Tensor, keep: Tensor | None, count: int, groups: int, eps: float, alpha_bwd: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of PowerNorm's approximate backward chained with group
+    scaling's; adds the mean of ``gt * xhat`` over the ``count`` rows where ``keep`` is True (all
+    when None) to ``nu`` in place (see norms.c)."""
+    d = x.shape[-1]
+    parts = max(1, torch.get_num_threads())
+    grad_x, grad_w, grad_b = _fresh_like(x), x.new_empty(d), x.new_empty(d)
+    coef, partial = x.new_empty(2, d), x.new_empty(parts, 3 * d)
+    _call("powernorm_backward", x, grad_y.data_ptr(), x.data_ptr(), r.data_ptr(), scale.data_ptr(),
+          batch_psi2.data_ptr(), nu.data_ptr(), weight.data_ptr(), _ptr(keep), grad_x.data_ptr(), grad_w.data_ptr(),
+          grad_b.data_ptr(), coef.data_ptr(), partial.data_ptr(), x.numel() // d, d, groups, float(eps),
+          float(alpha_bwd), float(count), parts)
+    return grad_x, grad_w, grad_b
+
+
+def batch_norm_stats(x: Tensor, keep: Tensor | None, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 column sums of ``x - shift`` and its square over the rows where ``keep`` (bool, one
+    per row; None: all rows) is True (summed in ``x``'s dtype over blocks of 64 rows)."""
+    d = x.shape[-1]
+    partial, parts = _partials(x.new_empty(0, dtype=torch.float64), 2 * d)
+    scratch = x.new_empty(parts, 2 * d)
+    if x.numel():
+        _call("batchnorm_stats", x, x.data_ptr(), _ptr(keep), shift.data_ptr(), scratch.data_ptr(),
+              partial.data_ptr(), x.numel() // d, d, parts)
+    total = partial.sum(0)
+    return total[:d], total[d:]
+
+
+def batch_norm_forward(x: Tensor, mean: Tensor, a: Tensor, bias: Tensor | None) -> Tensor:
+    """``(x - mean) * a + bias`` per channel."""
+    d = x.shape[-1]
+    y = _fresh_like(x)
+    if x.numel():
+        _call("batchnorm_forward", x, x.data_ptr(), mean.data_ptr(), a.data_ptr(), _ptr(bias), y.data_ptr(),
+              x.numel() // d, d, torch.get_num_threads())
+    return y
+
+
+def batch_norm_backward(grad_y: Tensor, x: Tensor, keep: Tensor | None, mean: Tensor, rstd: Tensor, weight: Tensor,
+                        count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of ``(x - mean) * rstd * weight + bias`` on ``(rows, d)``
+    rows, exact through ``mean`` and ``rstd`` (float64), the statistics of the ``count`` rows where
+    ``keep`` is True (all when None)."""
+    d = x.shape[-1]
+    parts = max(1, torch.get_num_threads())
+    grad_x, grad_w, grad_b = _fresh_like(x), x.new_zeros(d), x.new_zeros(d)
+    coef, scratch = x.new_empty(3, d), x.new_empty(parts, 2 * d)  # a, c0, c2 per channel (see norms.c)
+    partial = x.new_empty(parts, 2 * d, dtype=torch.float64)
+    if x.numel():
+        _call("batchnorm_backward", x, grad_y.data_ptr(), x.data_ptr(), _ptr(keep), mean.data_ptr(), rstd.data_ptr(),
+              weight.data_ptr(), float(count), grad_x.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(),
+              coef.data_ptr(), scratch.data_ptr(), partial.data_ptr(), x.numel() // d, d, parts)
+    return grad_x, grad_w, grad_b

@@ -26,7 +26,10 @@ from pathlib import Path
 ENV_SWITCH = "TFORMER_CPU_KERNELS"
 ENV_CACHE = "TFORMER_CACHE_DIR"
 SOURCE = Path(__file__).with_name("rmsnorm.c")
-ABI_VERSION = 2
+#: every C source compiled into the one library (``rmsnorm.c`` holds the ABI number and the helpers);
+#: the build key hashes all of them
+SOURCES = (SOURCE, SOURCE.with_name("norms.c"))
+ABI_VERSION = 3
 #: the dtype suffixes of the C functions (``tformer.kernels.KERNEL_DTYPES`` maps torch dtypes to them)
 SUFFIXES = ("f32", "f64")
 # -march=native: the library is built on, and keyed to, the CPU it runs on
@@ -43,7 +46,8 @@ PRUNE_TEMPORARY_SECONDS = 3600
 _BUILD_NAME = re.compile(r"rmsnorm-[0-9a-f]{16}\.so")
 _TEMPORARY_NAME = re.compile(r"\.rmsnorm-[0-9a-f]{16}-[a-z0-9_]+\.tmp")
 _FALLBACK = ("RMSNorm on the CPU runs the pure-PyTorch route instead (PyTorch's LayerNorm backward with "
-             "the mean at zero: same results, about 1.1-1.3x the time of nn.LayerNorm, which the kernel matches)")
+             "the mean at zero: same results, about 1.1-1.3x the time of nn.LayerNorm, which the kernel matches), "
+             "and so do DyT, ScaleNorm, AdaNorm, PowerNorm and BatchNorm (same results, 2-10x slower)")
 
 
 class KernelBuildWarning(UserWarning):
@@ -149,7 +153,7 @@ def load(*, force: bool = False) -> tuple[ctypes.CDLL | None, KernelStatus, str 
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return _failed(f"C compiler {shlex.join(compiler)!r} does not run: {error}")
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.name.encode() + b"\0" + path.read_bytes() for path in SOURCES)
     names = [(flags, f"rmsnorm-{build_key(source, compiler, version, flags)}.so") for flags in _FLAG_SETS]
     try:
         home = cache_dir()
@@ -261,7 +265,7 @@ def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
         os.close(fd)
     except OSError as error:
         return f"cache directory {path.parent}: {error}"
-    command = [*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]
+    command = [*compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"]
     shown = shlex.join([*compiler, *flags])  # the source and the temporary name add nothing to a message
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -326,5 +330,23 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"tformer_rmsnorm_backward_{suffix}")
         backward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, c_int]
         backward.restype = None
+    signatures = {  # the norms of norms.c: pointers, then counts, then scalars, as in their C definitions
+        "dyt_forward": [pointer] * 6 + [i64, i64, c_int],
+        "dyt_backward": [pointer] * 7 + [i64, i64, c_int],
+        "scalenorm_forward": [pointer] * 4 + [i64, i64, c_double, c_int],
+        "scalenorm_backward": [pointer] * 6 + [i64, i64, c_double, c_int],
+        "adanorm_forward": [pointer] * 4 + [i64, i64, c_double, c_double, c_double, c_int],
+        "adanorm_backward": [pointer] * 5 + [i64, i64, c_double, c_double, c_int],
+        "powernorm_stats": [pointer] * 5 + [i64, i64, i64, c_double, c_int],
+        "powernorm_forward": [pointer] * 7 + [i64, i64, i64, c_double, c_int],
+        "powernorm_backward": [pointer] * 13 + [i64, i64, i64, c_double, c_double, c_double, c_int],
+        "batchnorm_stats": [pointer] * 5 + [i64, i64, c_int],
+        "batchnorm_forward": [pointer] * 5 + [i64, i64, c_int],
+        "batchnorm_backward": [pointer] * 6 + [c_double] + [pointer] * 6 + [i64, i64, c_int],
+    }
+    for suffix in SUFFIXES:
+        for name, argtypes in signatures.items():
+            function = getattr(lib, f"tformer_{name}_{suffix}")
+            function.argtypes, function.restype = argtypes, None
     lib.tformer_advise_hugepages.argtypes = [pointer, i64]
     lib.tformer_advise_hugepages.restype = c_int

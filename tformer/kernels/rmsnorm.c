@@ -106,7 +106,7 @@ int tformer_advise_hugepages(void *p, int64_t bytes) {
 }
 
 /* Lets the loader check that the library it found is the one it compiled. */
-int tformer_kernels_abi(void) { return 2; }
+int tformer_kernels_abi(void) { return 3; } /* 3: norms.c joined the library */
 
 int tformer_kernels_openmp(void) {
 #ifdef _OPENMP
