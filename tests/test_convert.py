@@ -58,11 +58,14 @@ def padded(batch: int, seq: int, seed: int = 1) -> tuple[torch.Tensor, torch.Ten
 
 
 def lm_logits(model, tokens, padding):
-    return model(tokens, padding_mask=padding)
+    """Logits at the real positions (padding's carry no meaning: a packed stack leaves zeros there)."""
+    logits = model(tokens, padding_mask=padding)
+    return logits if padding is None else logits.masked_fill(padding[..., None], 0.0)
 
 
 def seq2seq_logits(model, src, src_padding, tgt, tgt_padding):
-    return model(src, tgt, src_padding_mask=src_padding, tgt_padding_mask=tgt_padding)
+    logits = model(src, tgt, src_padding_mask=src_padding, tgt_padding_mask=tgt_padding)
+    return logits if tgt_padding is None else logits.masked_fill(tgt_padding[..., None], 0.0)
 
 
 def tolerance(dtype) -> float:

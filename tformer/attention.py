@@ -10,43 +10,121 @@ from torch import Tensor, nn
 
 import functools
 
-from .backends import BACKENDS, attention_mask, math_attention, soft_cap
+from .backends import BACKENDS, attention_mask, math_attention, resolve_backend, soft_cap
 from .errors import ConfigError
 from .init import INIT_SCHEMES, BranchInit, zero_bias_
-from .rotary import rotary_cos_sin, rotate
+from .packing import Packing, packed_attention
+from .rotary import rotary_cos_sin, rotary_cos_sin_at, rotate
 
 if TYPE_CHECKING:
     from .config import BlockConfig
 
 
 class LayerKV:
-    """Keys and values one self-attention layer has seen so far, ``(batch, seq, kv_heads, head_dim)``."""
+    """Keys and values one self-attention layer has seen so far, for incremental decoding.
 
-    def __init__(self):
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+    They live in preallocated buffers ``keys`` / ``values`` of shape ``(batch, kv_heads, capacity,
+    head_dim)``: only the key/value heads (grouped-query attention stores ``n_kv_heads``, not
+    ``n_heads``), head-major, so ``keys[:, :, :length]`` is a view SDPA reads in place. ``update``
+    writes the new positions into the buffers (no copy of what is cached). The buffers are allocated at
+    the first update with ``capacity`` positions (None: as many as that update brings); an update past
+    the capacity reallocates them to ``max(needed, 2 * capacity)`` positions (geometric growth:
+    amortized O(1) copies per position). ``k`` / ``v`` are the cached ``(batch, length, kv_heads,
+    head_dim)`` views.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity={capacity!r} must be None or a positive int")
+        self.initial_capacity = capacity
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        #: how many positions are cached (a plain attribute: read at every step)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k`` and ``v`` (batch, new, kv_heads, head_dim) after the cached positions; return every
+        cached key and value as views ``(batch, kv_heads, length, head_dim)`` of the buffers."""
+        start = self.length
+        end = start + k.shape[1]
+        keys, values = self.keys, self.values
+        if keys is None or end > keys.shape[2]:
+            keys, values = self._reserve(k, end)
+        elif k.shape[0] != keys.shape[0]:
+            raise ValueError(f"the KV cache holds a batch of {keys.shape[0]}, got keys for {k.shape[0]}")
+        keys[:, :, start:end] = k.transpose(1, 2)
+        values[:, :, start:end] = v.transpose(1, 2)
+        self.length = end
+        return keys[:, :, :end], values[:, :, :end]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append the new keys and values; return all of them."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
-        return self.k, self.v
+        """Append the new keys and values; return all of them, ``(batch, length, kv_heads, head_dim)`` views."""
+        keys, values = self.append(k, v)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def _reserve(self, k: Tensor, needed: int) -> tuple[Tensor, Tensor]:
+        """Buffers for at least ``needed`` positions shaped for keys like ``k``, the cached ones copied over."""
+        batch, _, heads, head_dim = k.shape
+        if self.keys is None:
+            capacity = max(needed, self.initial_capacity or 0)
+        else:
+            if (batch, heads, head_dim) != (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]):
+                raise ValueError(f"the KV cache holds (batch, kv_heads, head_dim) = "
+                                 f"{(self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])}, got keys of "
+                                 f"{(batch, heads, head_dim)}")
+            capacity = max(needed, 2 * self.keys.shape[2])
+        keys = k.new_empty(batch, heads, capacity, head_dim)
+        values = k.new_empty(batch, heads, capacity, head_dim)
+        if self.length:
+            keys[:, :, : self.length] = self.keys[:, :, : self.length]
+            values[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = keys, values
+        return keys, values
 
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[1]
+    def capacity(self) -> int:
+        """How many positions the buffers hold (0 before the first update)."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the key and value buffers."""
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def k(self) -> Tensor | None:
+        return None if self.keys is None else self.keys[:, :, : self.length].transpose(1, 2)
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self.values is None else self.values[:, :, : self.length].transpose(1, 2)
 
 
 class KVCache:
-    """A ``LayerKV`` per decoder layer, for incremental decoding (``LanguageModel.generate``)."""
+    """A ``LayerKV`` per decoder layer, for incremental decoding (``LanguageModel.generate``).
 
-    def __init__(self, n_layers: int):
-        self.layers = [LayerKV() for _ in range(n_layers)]
+    ``capacity``: the positions each layer preallocates at its first update (``generate`` passes prompt +
+    new tokens, so decoding never reallocates); appending past it grows the buffers geometrically.
+    """
+
+    def __init__(self, n_layers: int, capacity: int | None = None):
+        self.layers = [LayerKV(capacity) for _ in range(n_layers)]
 
     @property
     def length(self) -> int:
         """How many positions the cache holds."""
         return self.layers[0].length
+
+    @property
+    def capacity(self) -> int:
+        """How many positions the buffers hold (0 before the first update)."""
+        return self.layers[0].capacity
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every layer's key and value buffers: ``2 * layers * batch * capacity * kv_heads *
+        head_dim * element size``."""
+        return sum(layer.nbytes for layer in self.layers)
 
 
 def resolve_qk_norm(value) -> bool | str:
@@ -165,9 +243,10 @@ class MultiHeadAttention(nn.Module):
         return self.n_heads * self.head_dim
 
     def _project(self, x: Tensor, memory: Tensor | None, padding_mask: Tensor | None,
-                 memory_padding_mask: Tensor | None, offset: int = 0):
+                 memory_padding_mask: Tensor | None, offset: int = 0, positions: Tensor | None = None):
         """Queries ``(batch, len, heads, head_dim)``, keys and values ``(batch, kv_len, kv_heads, head_dim)``
-        (QK-norm and rotary positions applied) and the query / key padding masks."""
+        (QK-norm and rotary positions applied) and the query / key padding masks. ``positions``: the
+        tokens' positions for rotary embeddings (a packed batch's columns), else ``offset`` onwards."""
         if self.cross:
             if memory is None:
                 raise ValueError("cross-attention needs `memory` (the encoder output), got None")
@@ -184,14 +263,39 @@ class MultiHeadAttention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:
-            cos, sin = rotary_cos_sin(q, offset, self.rope_base)  # shared by queries and keys
+            cos, sin = (rotary_cos_sin(q, offset, self.rope_base) if positions is None
+                        else rotary_cos_sin_at(positions, q, self.rope_base))  # shared by queries and keys
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return q, k, v, q_padding_mask, kv_padding_mask
 
-    def _expand_kv(self, t: Tensor) -> Tensor:
-        """Key/value heads repeated for the query heads they serve (grouped-query attention)."""
+    def _expand_kv(self, t: Tensor, q: Tensor | None = None) -> Tensor:
+        """Key/value heads repeated for the query heads they serve (grouped-query attention), unless the
+        kernel that attends to ``q`` takes grouped heads as they are (SDPA: ``enable_gqa``, no copy)."""
         groups = self.n_heads // self.n_kv_heads
-        return t if groups == 1 else t.repeat_interleave(groups, dim=2)
+        if groups == 1 or (q is not None and self.softcap is None and resolve_backend(self.backend_name, q) == "sdpa"):
+            return t
+        return t.repeat_interleave(groups, dim=2)
+
+    def _attend_cache(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The output projection of the queries ``q`` (batch, q_len, heads, head_dim) attending over a KV
+        cache's keys and values ``(batch, kv_heads, kv_len, head_dim)``, causally aligned to the end.
+
+        The ``auto`` and ``sdpa`` backends read the cache in place: SDPA with ``enable_gqa`` (each key/value
+        head serves its group of query heads without being repeated; on CPU the same values as repeating
+        them). Soft-capping, ``math`` and ``xformers`` run their backend on the repeated heads.
+        """
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.softcap is None and self.backend_name in ("auto", "sdpa"):
+            mask, is_causal = attention_mask(q.shape[1], k.shape[2], causal=self.causal, kv_padding_mask=None,
+                                             device=q.device)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            ).transpose(1, 2)
+        else:
+            out = self._attend(q, self._expand_kv(k.transpose(1, 2)), self._expand_kv(v.transpose(1, 2)),
+                               causal=self.causal, dropout_p=dropout_p, scale=self.scale)
+        return self.out(out.flatten(2))  # (batch, q_len, heads * head_dim)
 
     def forward(
         self,
@@ -201,26 +305,47 @@ class MultiHeadAttention(nn.Module):
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
         cache: LayerKV | None = None,
+        packing: Packing | None = None,
     ) -> Tensor:
         """``x``: (batch, seq, d_model). Cross-attention reads ``memory`` (batch, mem_seq, d_model).
 
         With a ``cache`` (self-attention only) the keys and values of ``x`` are appended to it and
-        the queries attend to everything cached, causally aligned to the end.
+        the queries attend to everything cached, causally aligned to the end. With a ``packing``
+        (``tformer.packing``), ``x`` is a packed batch ``(1, tokens, d_model)`` and each of its
+        sequences attends within itself (cross-attention: to its own row of ``memory``).
         """
+        if packing is not None:
+            if cache is not None or padding_mask is not None:
+                raise ValueError("a packed batch takes neither a KV cache nor a padding mask")
+            return self._forward_packed(x, packing, memory, memory_padding_mask)
         if cache is not None and (self.cross or padding_mask is not None):
             raise ValueError("a KV cache works for self-attention without a padding mask")
         offset = 0 if cache is None else cache.length
         q, k, v, q_padding_mask, kv_padding_mask = self._project(x, memory, padding_mask, memory_padding_mask, offset)
         if cache is not None:
-            k, v = cache.update(k, v)
+            return self._attend_cache(q, *cache.append(k, v))
         out = self._attend(
-            q, self._expand_kv(k), self._expand_kv(v),
+            q, self._expand_kv(k, q), self._expand_kv(v, q),
             causal=self.causal,
             q_padding_mask=q_padding_mask,
             kv_padding_mask=kv_padding_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             scale=self.scale,
         )  # (batch, seq, heads, head_dim)
+        return self.out(rearrange(out, "b s h d -> b s (h d)"))
+
+    def _forward_packed(self, x: Tensor, packing: Packing, memory: Tensor | None,
+                        memory_padding_mask: Tensor | None) -> Tensor:
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.cross:  # queries back in their rows for one masked call over the (padded) memory
+            q, k, v, _, kv_padding_mask = self._project(x, memory, None, memory_padding_mask)
+            out = packing.pack(self._attend(packing.unpack(q), self._expand_kv(k, q), self._expand_kv(v, q), causal=False,
+                                            kv_padding_mask=kv_padding_mask, dropout_p=dropout_p, scale=self.scale))
+        else:
+            q, k, v, _, _ = self._project(x, None, None, None, positions=packing.positions)
+            backend = "math" if self.softcap is not None else resolve_backend(self.backend_name, q)
+            out = packed_attention(self._attend, backend, q, self._expand_kv(k, q), self._expand_kv(v, q), packing,
+                                   causal=self.causal, dropout_p=dropout_p, scale=self.scale)
         return self.out(rearrange(out, "b s h d -> b s (h d)"))
 
     @torch.no_grad()

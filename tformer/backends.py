@@ -12,8 +12,12 @@ with ``q`` of shape ``(batch, q_len, heads, head_dim)``, ``k``/``v`` of shape
 
 No query row is ever left with nothing to attend to, so no backend produces NaN:
 
-* causal + padding: each query may always attend to its own position (for a real query that
-  key is real anyway; a padding query gets a finite, meaningless output);
+* causal + padding: a real query attends to the real keys of its causal window (its own position
+  among them); a padding query to its whole causal window, padding included (a finite, meaningless
+  output, the same as plain causal attention gives it). Right padding needs no
+  mask at all: a real query's causal window holds only real keys, so it runs as plain causal
+  attention (``is_causal``, O(S) memory); other padding needs a ``(batch, 1, q_len, kv_len)`` mask,
+  which stacks avoid by packing (``tformer.packing``);
 * a sequence whose keys are all padding attends over all of them, and for cross-attention
   (``q_padding_mask=None``) its output is set to zero, so it never depends on the padding.
 
@@ -76,12 +80,19 @@ def attention_mask(
     if not causal:
         keep = keep | ~keep.any(-1, keepdim=True)  # all-padding rows attend everywhere (no NaN)
         return keep[:, None, None, :], False
+    if q_len == kv_len and not torch.compiler.is_compiling() and is_right_padded(kv_padding_mask):
+        return None, True  # a real query's causal window holds real keys only: no (q_len, kv_len) mask
     offset = kv_len - q_len
     rows = torch.arange(q_len, device=device)[:, None] + offset
     cols = torch.arange(kv_len, device=device)[None, :]
     visible = cols <= rows  # (q_len, kv_len)
-    own_position = cols == rows
-    return visible & (keep[:, None, None, :] | own_position), False
+    padding_query = kv_padding_mask[:, offset:, None]  # (batch, q_len, 1): sees its whole causal window,
+    return visible & (keep[:, None, None, :] | padding_query[:, None]), False  # as is_causal gives it
+
+
+def is_right_padded(padding_mask: Tensor) -> bool:
+    """Whether every row's padding (True) comes after all its real tokens."""
+    return not bool((padding_mask[:, :-1] & ~padding_mask[:, 1:]).any())
 
 
 def _zero_empty_cross_rows(out: Tensor, q_padding_mask: Tensor | None, kv_padding_mask: Tensor | None) -> Tensor:
@@ -124,13 +135,14 @@ def math_attention(q, k, v, *, causal=False, q_padding_mask=None, kv_padding_mas
 
 @BACKENDS.register("sdpa")
 def sdpa_attention(q, k, v, *, causal=False, q_padding_mask=None, kv_padding_mask=None, dropout_p=0.0, scale=None):
-    """PyTorch's ``scaled_dot_product_attention`` (flash kernel on CPU, also with padding masks)."""
+    """PyTorch's ``scaled_dot_product_attention`` (flash kernel on CPU, also with padding masks). Takes grouped
+    key/value heads as they are (``k``, ``v`` with fewer heads than ``q``: ``enable_gqa``, no repeat)."""
     mask, is_causal = attention_mask(
         q.shape[1], k.shape[1], causal=causal, kv_padding_mask=kv_padding_mask, device=q.device
     )
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
     )  # (batch, heads, q_len, head_dim)
     return _zero_empty_cross_rows(out.transpose(1, 2), q_padding_mask, kv_padding_mask)
 

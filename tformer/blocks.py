@@ -31,6 +31,7 @@ from .attention import LayerKV, MultiHeadAttention
 from .config import BlockConfig
 from .errors import ConfigError, UnsupportedArgumentError
 from .feedforward import FeedForward
+from .packing import Packing
 from .placements import LayerContext, ResidualPlacement, build_placement, stream_tensor
 from .spec import BuiltFromSpec, Spec
 
@@ -149,6 +150,15 @@ class TransformerBlock(BuiltFromSpec, nn.Module):
         return self._last_residual.needs_final_norm
 
     @property
+    def supports_packing(self) -> bool:
+        """Whether a stack may run this block on a packed batch (``tformer.packing``): its attention parts are
+        tformer's ``MultiHeadAttention`` and its feed-forward works token by token (tformer's ``FeedForward``, or
+        a part that declares ``tokenwise = True``)."""
+        attention = [getattr(self, name) for name in self.sublayer_names if name != "ffn"]
+        return (all(isinstance(part, MultiHeadAttention) for part in attention)
+                and (isinstance(self.ffn, FeedForward) or getattr(self.ffn, "tokenwise", False) is True))
+
+    @property
     def stream(self) -> str:
         """The kind of residual stream the placements carry (``"tensor"`` for one-tensor placements)."""
         return self._first_residual.stream
@@ -224,10 +234,11 @@ class EncoderBlock(TransformerBlock):
         self.spec = EncoderBlockSpec(cfg, layer, rope) if not any(v is not None for v in given.values()) else None
 
 
-    def forward(self, x, *, padding_mask: Tensor | None = None, **unexpected):
-        reject_arguments(unexpected, "EncoderBlock.forward", ("x", "padding_mask"))
+    def forward(self, x, *, padding_mask: Tensor | None = None, packing: Packing | None = None, **unexpected):
+        reject_arguments(unexpected, "EncoderBlock.forward", ("x", "padding_mask", "packing"))
         stream, standalone = self._enter(x, padding_mask)
-        stream = self.attn_residual(stream, partial(self.attn, padding_mask=padding_mask), padding_mask)
+        attn = partial(self.attn, padding_mask=padding_mask) if packing is None else partial(self.attn, packing=packing)
+        stream = self.attn_residual(stream, attn, padding_mask)
         stream = self.ffn_residual(stream, self.ffn, padding_mask)
         return self._exit(stream, standalone, padding_mask)
 
@@ -302,12 +313,13 @@ class DecoderBlock(TransformerBlock):
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
         cache: LayerKV | None = None,
+        packing: Packing | None = None,
         **unexpected,
     ):
         reject_arguments(unexpected, "DecoderBlock.forward",
-                         ("x", "padding_mask", "memory", "memory_padding_mask", "cache"))
+                         ("x", "padding_mask", "memory", "memory_padding_mask", "cache", "packing"))
         stream, standalone = self._enter(x, padding_mask)
-        self_attn = partial(self.attn, padding_mask=padding_mask)
+        self_attn = partial(self.attn, padding_mask=padding_mask) if packing is None else partial(self.attn, packing=packing)
         if cache is not None:
             self_attn = partial(self_attn, cache=cache)
         stream = self.attn_residual(stream, self_attn, padding_mask)
@@ -315,10 +327,12 @@ class DecoderBlock(TransformerBlock):
             if memory is None:
                 raise ValueError("this DecoderBlock has cross-attention and needs `memory`, got None")
             check_inputs(memory, memory_padding_mask, self.d_model, what="memory")
-            batch = stream_tensor(stream).shape[0]
+            batch = stream_tensor(stream).shape[0] if packing is None else packing.batch
             if memory.shape[0] != batch:
                 raise ValueError(f"memory has batch size {memory.shape[0]} but x has {batch}")
             cross = partial(self.cross_attn, memory=memory, memory_padding_mask=memory_padding_mask)
+            if packing is not None:
+                cross = partial(cross, packing=packing)
             stream = self.cross_attn_residual(stream, cross, padding_mask)
         elif memory is not None:
             raise ValueError("this DecoderBlock was built with cross_attention=False; it takes no `memory`")

@@ -77,9 +77,17 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         x = self.decoder(self.embedding(tokens, offset), padding_mask=padding_mask, cache=cache)
         return soft_cap(self.head(x), self.logit_softcap)
 
-    def new_cache(self) -> KVCache:
-        """An empty key/value cache for incremental decoding."""
-        return KVCache(len(self.decoder.layers))
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty key/value cache for incremental decoding. ``capacity``: the positions it preallocates at the
+        first step (None: as many as the first step brings); it grows geometrically past them."""
+        return KVCache(len(self.decoder.layers), capacity)
+
+    def _last_logits(self, tokens: Tensor, cache: KVCache | None) -> Tensor:
+        """The logits ``(batch, vocab)`` after the last of ``tokens``: ``self(tokens, cache=cache)[:, -1]`` with
+        the head applied to the last position only."""
+        offset = 0 if cache is None else cache.length
+        x = self.decoder(self.embedding(tokens, offset), cache=cache)
+        return soft_cap(self.head(x[:, -1]), self.logit_softcap)
 
     @torch.no_grad()
     def generate(
@@ -97,8 +105,9 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         """Sample ``max_new_tokens`` after ``prompt`` (batch, seq); returns (batch, seq + max_new_tokens).
 
         ``temperature=0`` is greedy decoding; ``top_k`` keeps the k most likely tokens. With
-        ``use_cache`` each step feeds only the newest token through a KV cache, which gives the
-        same logits as recomputing the whole prefix. Runs in eval mode and restores the mode after.
+        ``use_cache`` each step feeds only the newest token through a KV cache preallocated for
+        prompt + new tokens, which gives the same logits as recomputing the whole prefix. Runs in
+        eval mode and restores the mode after.
 
         ``eos_token_id`` (one id or several; default ``self.eos_token_id``, None: never end) ends a row
         at its first end-of-sequence token: its later positions hold ``pad_token_id`` (default
@@ -107,31 +116,46 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (batch, seq) token ids with seq >= 1, got shape {tuple(prompt.shape)}")
-        total = prompt.shape[1] + max_new_tokens
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+        batch, length = prompt.shape
+        total = length + max_new_tokens
         if total > self.embedding.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.embedding.max_seq_len}"
                              f"{self.embedding.max_seq_len_reason}")
-        was_training = self.training
-        self.eval()
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        if temperature != 0 and top_k is not None:
+            check_positive_int("top_k", top_k)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=prompt.device)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         pad = pad if pad is not None or eos is None else int(eos[0])
-        ended = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-        tokens, cache = prompt, (self.new_cache() if use_cache else None)
+        was_training = self.training
+        self.eval()
+        tokens = prompt.new_empty(batch, total)  # filled in place: no concatenation per step
+        tokens[:, :length] = prompt
+        ended = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+        cache = self.new_cache(total) if use_cache else None
         step_input = prompt
-        for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else tokens, cache=cache)[:, -1]
-            next_token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
-            if eos is not None:
-                next_token = next_token.masked_fill(ended, pad)
-                ended |= torch.isin(next_token, eos)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            step_input = next_token[:, None]
-            if eos is not None and ended.all():
-                break
-        self.train(was_training)
-        return tokens
+        try:
+            for _ in range(max_new_tokens):
+                logits = self._last_logits(step_input if use_cache else tokens[:, :length], cache)
+                if temperature == 0:
+                    next_token = logits.argmax(-1)
+                else:
+                    next_token = _sample(logits, temperature, top_k, generator)
+                if eos is not None:
+                    next_token = next_token.masked_fill(ended, pad)
+                    ended |= torch.isin(next_token, eos)
+                tokens[:, length] = next_token
+                length += 1
+                step_input = tokens[:, length - 1 : length]
+                if eos is not None and ended.all():
+                    break
+        finally:
+            self.train(was_training)
+        return tokens if length == total else tokens[:, :length].contiguous()
 
 
 @dataclass(frozen=True)
@@ -285,12 +309,9 @@ def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None =
         raise ValueError(f"temperature={temperature} must be >= 0")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
     if top_k is not None:
         check_positive_int("top_k", top_k)
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return _sample(logits, temperature, top_k, generator)
 
 
 def _make_head(cfg: BlockConfig, vocab_size: int, embedding: Embedding, tie: bool, bias: bool = False) -> nn.Linear:
@@ -306,3 +327,12 @@ def _make_head(cfg: BlockConfig, vocab_size: int, embedding: Embedding, tie: boo
     else:
         INIT_SCHEMES[cfg.init].linear_(head.weight)
     return head
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """``sample_next`` for ``temperature > 0`` without re-checking its arguments (``generate``'s decode loop)."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

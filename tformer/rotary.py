@@ -31,9 +31,7 @@ def rotate_half(x: Tensor) -> Tensor:
 def rotary_cos_sin(x: Tensor, offset: int, base: float) -> tuple[Tensor, Tensor]:
     """``cos`` and ``sin`` for ``x`` of shape ``(batch, seq, heads, head_dim)`` at positions ``offset ..
     offset + seq - 1``, shaped ``(seq, 1, head_dim)`` to broadcast over heads, in ``x``'s dtype."""
-    positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-    cos, sin = rotary_angles(positions, x.shape[-1], base, torch.promote_types(x.dtype, torch.float32))
-    return cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return rotary_cos_sin_at(torch.arange(offset, offset + x.shape[1], device=x.device), x, base)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -43,3 +41,10 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def apply_rotary(x: Tensor, offset: int, base: float) -> Tensor:
     """Rotate ``x`` of shape ``(batch, seq, heads, head_dim)`` for positions ``offset .. offset + seq - 1``."""
     return rotate(x, *rotary_cos_sin(x, offset, base))
+
+
+def rotary_cos_sin_at(positions: Tensor, x: Tensor, base: float) -> tuple[Tensor, Tensor]:
+    """``cos`` and ``sin`` for ``x`` of shape ``(batch, seq, heads, head_dim)`` whose tokens sit at
+    ``positions`` (shape ``(seq,)``, e.g. a packed batch's columns), shaped and typed as ``rotary_cos_sin``'s."""
+    cos, sin = rotary_angles(positions, x.shape[-1], base, torch.promote_types(x.dtype, torch.float32))
+    return cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)

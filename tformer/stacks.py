@@ -12,13 +12,15 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import KVCache
-from .blocks import DecoderBlock, EncoderBlock, TransformerBlock, reject_arguments
+from .blocks import DecoderBlock, EncoderBlock, TransformerBlock, check_inputs, reject_arguments
 from .config import BlockConfig, check_positive_int
 from .errors import ConfigError
+from .packing import Packing
 from .placements import LayerContext
 from .spec import BuiltFromSpec, Spec
 
@@ -69,13 +71,30 @@ class _Stack(BuiltFromSpec, nn.Module):
         #: recompute each block's activations in backward instead of storing them (training only; the
         #: trainer's ``train.activation_checkpointing``): same values and gradients, less memory
         self.activation_checkpointing = False
+        #: run a padded batch on its real tokens only (``tformer.packing``): packed at the entry, unpacked
+        #: (zeros at padding) at the exit; the same outputs at real positions to float rounding
+        self.pack_padding = True
 
     @property
     def placements(self) -> list[str]:
         """The placement each layer runs (Mix-LN resolved to its per-layer post/pre)."""
         return [block.ffn_residual.name or type(block.ffn_residual).__name__ for block in self.layers]
 
+    def packing_for(self, x: Tensor, padding_mask: Tensor | None, cache: KVCache | None = None) -> Packing | None:
+        """The ``Packing`` this stack runs ``x`` with, or None to run it padded: packing needs ``pack_padding``,
+        a padding mask with some (not only) padding, no KV cache, and blocks that support it."""
+        if not self.pack_padding or padding_mask is None or cache is not None or torch.compiler.is_compiling():
+            return None  # compiled graphs run padded: packing's shapes depend on the mask's values
+        check_inputs(x, padding_mask, self.cfg.d_model)
+        padded = int(padding_mask.sum())
+        if padded in (0, padding_mask.numel()) or not all(block.supports_packing for block in self.layers):
+            return None
+        return Packing(padding_mask)
+
     def _run(self, x: Tensor, padding_mask: Tensor | None, **block_kwargs) -> Tensor:
+        packing = self.packing_for(x, padding_mask, block_kwargs.get("cache"))
+        if packing is not None:
+            x, padding_mask, block_kwargs["packing"] = packing.pack(x), None, packing
         stream = self.layers[0].begin(x)
         cache = block_kwargs.pop("cache", None)
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -87,7 +106,8 @@ class _Stack(BuiltFromSpec, nn.Module):
                                                            **block_kwargs)
             else:
                 stream = block(stream, padding_mask=padding_mask, **block_kwargs)
-        return self.layers[-1].end(stream, self.final_norm, padding_mask)
+        out = self.layers[-1].end(stream, self.final_norm, padding_mask)
+        return out if packing is None else packing.unpack(out)
 
 
 @dataclass(frozen=True)

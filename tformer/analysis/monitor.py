@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..attention import MultiHeadAttention
 from ..config import check_positive_int
 from ..placements import stream_tensor
+from ..stacks import _Stack
 from .scales import find_blocks, parameter_groups
 
 
@@ -68,6 +69,7 @@ class TrainingMonitor:
         if not self.blocks:
             raise ValueError(f"no tformer blocks found inside {type(model).__name__}")
         self._handles: list = []
+        self._packing_was: dict[nn.Module, bool] = {}
         self._armed = False
         self._captured: list[dict] = []
         self._per_example: dict[str, list[Tensor]] = {}
@@ -82,6 +84,10 @@ class TrainingMonitor:
         """Register the hooks; returns ``self``."""
         if self._handles:
             return self
+        # the hooks read (batch, seq) tensors and per-example gradients: watched stacks run padded batches padded
+        self._packing_was = {stack: stack.pack_padding for stack in self.model.modules() if isinstance(stack, _Stack)}
+        for stack in self._packing_was:
+            stack.pack_padding = False
         for stack, layer, _, block in self.blocks:
             self._handles.append(block.register_forward_hook(self._residual_hook(stack, layer), with_kwargs=True))
             if self.attention_entropy:
@@ -106,6 +112,9 @@ class TrainingMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for stack, packing in self._packing_was.items():
+            stack.pack_padding = packing
+        self._packing_was = {}
         self._armed = False
         self._captured.clear()
         self._per_example.clear()
