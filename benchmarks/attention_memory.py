@@ -14,7 +14,9 @@ import subprocess
 import sys
 
 CHILD = r"""
-import resource, sys, torch, tformer
+import sys, torch, tformer
+def peak_kb():  # this process's own peak RSS: ru_maxrss would carry over the parent's peak across exec
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 B, S, D, backend, causal = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "causal"
 cfg = tformer.BlockConfig(d_model=D, n_heads=8, d_ff=4 * D, attention=backend)
 block = (tformer.DecoderBlock(cfg, cross_attention=False) if causal else tformer.EncoderBlock(cfg)).eval()
@@ -24,9 +26,9 @@ pad[1, 3 * S // 4:] = True
 pad[-1, S // 40:] = True
 with torch.no_grad():
     block(x[:, :64], padding_mask=pad[:, :64])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kb()
     block(x, padding_mask=pad)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kb()
 print((after - before) / 1024)
 """
 

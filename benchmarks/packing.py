@@ -99,7 +99,9 @@ def timings(quick: bool, batch: int = 8, seq: int = 256) -> dict:
 
 
 MEMORY_CHILD = r"""
-import resource, sys, torch, tformer
+import sys, torch, tformer
+def peak_kb():  # this process's own peak RSS: ru_maxrss would carry over the parent's peak across exec
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 B, S, D, what = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = tformer.BlockConfig(d_model=D, n_heads=8, d_ff=4 * D)
 model = (tformer.DecoderBlock(cfg, cross_attention=False) if what.startswith("block")
@@ -112,9 +114,9 @@ elif "left" in what:
     pad[0, :S // 4] = pad[-1, :S // 8] = True
 with torch.no_grad():
     model(x[:, :64], padding_mask=pad[:, :64])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kb()
     model(x, padding_mask=None if "no padding" in what else pad)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kb()
 print((after - before) / 1024)
 """
 

@@ -32,7 +32,9 @@ MATH_MAX_SEQ = 4096
 MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large tensors always fresh mmaps: exact peaks
 
 CHILD = r"""
-import json, resource, statistics, sys, time, torch, tformer
+import json, statistics, sys, time, torch, tformer
+def peak_kb():  # this process's own peak RSS: ru_maxrss would carry over the parent's peak across exec
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 seq, depth, backend, mode, repeats = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 D, HEADS, D_FF, B = %d, %d, %d, %d
 torch.manual_seed(0)
@@ -45,9 +47,9 @@ for i in range(B):
 x, grad = torch.randn(B, seq, D), torch.randn(B, seq, D)
 def step():
     stack(x.requires_grad_(True), padding_mask=pad).backward(grad)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 step()
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+peak = (peak_kb() - before) / 1024
 times = []
 for _ in range(repeats):
     start = time.perf_counter()
