@@ -44,10 +44,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import tformer
-
-#: the clock the timings read: wall time, or with ``--cpu-time`` this process's CPU time (with ``--threads 1``
-#: steadier on a shared machine, as time spent waiting for a core is not counted)
-CLOCK = time.perf_counter
+import timing
 
 CATEGORIES = ("matmul", "attention", "norm", "elementwise", "other")
 ELEMENTWISE_ATEN = ("add", "sub", "mul", "div", "relu", "clamp", "threshold", "gelu", "copy_", "cat", "sum", "fill_",
@@ -128,20 +125,12 @@ def compiled_step(block: nn.Module, options: tuple[dict, dict], make_step, *args
 
 
 def medians(candidates: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds of each candidate run round-robin (one warm-up round) and the median per-round
-    ratio of the first candidate's time to each one's (the speed-up against the first)."""
-    names = list(candidates)
-    times = {name: [] for name in names}
-    for round_ in range(repeats + 1):
-        order = names if round_ % 2 else names[::-1]
-        for name in order:
-            start = CLOCK()
-            candidates[name]()
-            if round_:
-                times[name].append(CLOCK() - start)
-    first = names[0]
-    ratios = {name: statistics.median(a / b for a, b in zip(times[first], times[name])) for name in names}
-    return {name: statistics.median(t) for name, t in times.items()}, ratios
+    """Median seconds of each candidate run round-robin and the median per-round ratio of the first
+    candidate's time to each one's (the speed-up against the first)."""
+    times = timing.rounds(candidates, repeats)
+    first = next(iter(candidates))
+    return ({name: statistics.median(t) for name, t in times.items()},
+            {name: timing.ratio(times, first, name) for name in times})
 
 
 def profile_categories(candidates: dict, windows: int, steps: int) -> tuple[dict, dict]:
@@ -307,17 +296,8 @@ def section(quick: bool) -> tuple[list[str], list[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--cpu-time", action="store_true", help="time with this process's CPU time, not wall time "
-                                                                 "(meaningful with --threads 1)")
-    args = parser.parse_args()
-    global CLOCK
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cpu_time:
-        CLOCK = time.process_time
+    args = timing.add_options(parser).parse_args()
+    timing.apply_options(args)
     result = measure(args.quick)
     if args.json:
         print(json.dumps(result, indent=1))

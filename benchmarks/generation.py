@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 import tformer
 from tformer.attention import MultiHeadAttention
 from tformer.models import sample_next
+from timing import add_options, medians
 
 POSITIONS = (128, 512, 1024, 2048)
 
@@ -125,20 +124,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def medians(candidates: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each candidate, run round-robin after one warm-up round."""
-    times = {name: [] for name in candidates}
-    for round_ in range(repeats + 1):
-        for name, fn in candidates.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def throughput(name: str, quick: bool, device: str) -> list[dict]:
     """Tokens/s of greedy generation, tformer vs Hugging Face vs the reference, batch 1 and 8."""
     hf, model = build(name, quick, device)
@@ -162,7 +147,7 @@ def throughput(name: str, quick: bool, device: str) -> list[dict]:
                 "hf": run("hf", lambda: hf.generate(prompt, attention_mask=mask, max_new_tokens=new,
                                                     min_new_tokens=new, do_sample=False, use_cache=True)),
                 "reference": run("reference", lambda: reference_generate(model, prompt, new)),
-            }, repeats, device)
+            }, repeats, lambda: sync(device))
         tokens = batch * new
         rows.append({
             "model": name, "batch": batch, "prompt": prompt_len, "new_tokens": new,
@@ -218,7 +203,7 @@ def flatness(name: str, quick: bool, device: str, batch: int) -> dict:
         candidates[("attention", p)] = attention(p)
         candidates[("reference", p)] = old_step(p)
     with torch.no_grad():
-        seconds = medians(candidates, 5 if quick else 15, device)
+        seconds = medians(candidates, 5 if quick else 15, lambda: sync(device))
     base = seconds[("step", POSITIONS[0])] - seconds[("attention", POSITIONS[0])]
     rows = []
     for p in POSITIONS:
@@ -328,8 +313,7 @@ def section(quick: bool) -> tuple[list[str], list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller configs and fewer repeats")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_options(parser, threads=False)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,33 +39,12 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import tformer
-
-#: the clock the timings read: wall time, or with ``--cpu-time`` this process's CPU time (with ``--threads 1``
-#: steadier on a shared machine, as time spent waiting for a core is not counted)
-CLOCK = time.perf_counter
+from timing import add_options, apply_options, ratio, rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 D, HEADS, D_FF, KV_HEADS = 512, 8, 2048, 2
 VARIANTS = {"base": (False, None), "rope": (True, None), "gqa": (False, KV_HEADS), "rope+gqa": (True, KV_HEADS)}
 TARGET = 1.05
-
-
-def rounds(candidates: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, round-robin (order alternating), after one warm-up round."""
-    names = list(candidates)
-    times = {name: [] for name in names}
-    for round_ in range(repeats + 1):
-        for name in (names if round_ % 2 else names[::-1]):
-            start = CLOCK()
-            candidates[name]()
-            if round_:
-                times[name].append(CLOCK() - start)
-    return times
-
-
-def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
-    """Median over rounds of ``name``'s time / ``base``'s time in the same round."""
-    return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 def block(kind: str, rope: bool, n_kv_heads: int | None) -> nn.Module:
@@ -305,17 +283,8 @@ def section(quick: bool) -> tuple[list[str], list[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--cpu-time", action="store_true", help="time with this process's CPU time, not wall time "
-                                                                 "(meaningful with --threads 1)")
-    args = parser.parse_args()
-    global CLOCK
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cpu_time:
-        CLOCK = time.process_time
+    args = add_options(parser).parse_args()
+    apply_options(args)
     result = measure(args.quick)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -22,15 +22,14 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
 
 import tformer
+from timing import add_options, medians
 
 D, HEADS, D_FF, LAYERS = 512, 8, 2048, 2
 
@@ -40,17 +39,6 @@ def half_padded(batch: int, seq: int) -> torch.Tensor:
     for i in range(batch):
         pad[i, seq * (2 * i + 1) // (2 * batch):] = True
     return pad
-
-
-def medians(candidates: dict, repeats: int) -> dict[str, float]:
-    times = {name: [] for name in candidates}
-    for round_ in range(repeats + 1):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def stacks(kind: str, placement: str = "pre"):
@@ -174,9 +162,7 @@ def section(quick: bool) -> tuple[list[str], list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = add_options(parser, threads=False).parse_args()
     if args.json:
         print(json.dumps({"timings": timings(args.quick), "memory": memory(args.quick)}, indent=1))
         return

@@ -27,20 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 import tformer
+from timing import medians
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def medians(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, run round-robin after one warm-up round."""
-    times = {name: [] for name in candidates}
-    for round_ in range(repeats + 1):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def matmul_rates(quick: bool) -> dict[str, float]:

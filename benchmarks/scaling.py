@@ -16,7 +16,6 @@ attention's FLOPs, 1 for O(S) memory.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os

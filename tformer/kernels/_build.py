@@ -29,6 +29,8 @@ SOURCE = Path(__file__).with_name("rmsnorm.c")
 #: every C source compiled into the one library (``rmsnorm.c`` holds the ABI number and the helpers);
 #: the build key hashes all of them
 SOURCES = (SOURCE, SOURCE.with_name("norms.c"))
+#: headers the sources include: part of the build's cache key, not of the compile command
+HEADERS = (SOURCE.with_name("threads.h"),)
 ABI_VERSION = 3
 #: the dtype suffixes of the C functions (``tformer.kernels.KERNEL_DTYPES`` maps torch dtypes to them)
 SUFFIXES = ("f32", "f64")
@@ -153,7 +155,7 @@ def load(*, force: bool = False) -> tuple[ctypes.CDLL | None, KernelStatus, str 
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return _failed(f"C compiler {shlex.join(compiler)!r} does not run: {error}")
-    source = b"\0".join(path.name.encode() + b"\0" + path.read_bytes() for path in SOURCES)
+    source = b"\0".join(path.name.encode() + b"\0" + path.read_bytes() for path in (*SOURCES, *HEADERS))
     names = [(flags, f"rmsnorm-{build_key(source, compiler, version, flags)}.so") for flags in _FLAG_SETS]
     try:
         home = cache_dir()

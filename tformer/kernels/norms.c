@@ -1,6 +1,6 @@
 /* Fused CPU kernels for tformer's other norms: DyT, ScaleNorm, AdaNorm and PowerNorm (training).
  * Compiled into the same library as rmsnorm.c (which holds the ABI number, the huge-page advice
- * and TFORMER_THREAD_INDEX's twin below); every function exists for float (f32) and double (f64).
+ * helpers; threads.h holds what both share); every function exists for float (f32) and double (f64).
  * Rows are the tokens (``rows`` of ``d`` contiguous elements). Column sums (gradients of
  * per-channel parameters, PowerNorm's batch statistics) go to per-thread partial rows of a
  * zero-filled buffer that the caller sums, so no atomics and no ordering between threads.
@@ -26,11 +26,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-#define TFORMER_NORMS_PARALLEL_MIN 32768 /* elements below which one thread is faster */
+#include "threads.h"
+
 #define TFORMER_BLOCK_ROWS 64              /* rows summed in the element type before a double sum */
 
 /* a * b + c, fused where the CPU has FMA (ISO C mode leaves gcc's -ffp-contract off, so a plain
@@ -41,15 +39,6 @@
 #define TFORMER_FMAF(a, b, c) ((a) * (b) + (c))
 #endif
 
-#ifdef _OPENMP
-#define TFORMER_PART(part, nparts)     \
-  do {                                 \
-    part = omp_get_thread_num();       \
-    nparts = omp_get_num_threads();    \
-  } while (0)
-#else
-#define TFORMER_PART(part, nparts) ((void)0)
-#endif
 
 /* tanh in float without branches, so that `omp simd` loops calling it vectorize:
  * tanh|z| = -m / (2 + m) with m = expm1(-2|z|), |z| capped at 10 (tanh 10 rounds to 1).
@@ -96,7 +85,7 @@ static inline float tformer_tanhf(float z) {
                                     T *restrict t, int64_t rows, int64_t d, int threads) {          \
     (void)threads;                                                                                  \
     const T a = *alpha;                                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)") \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_PARALLEL_MIN)") \
     for (int64_t i = 0; i < rows; ++i) {                                                            \
       const T *xr = x + i * d;                                                                      \
       T *yr = y + i * d;                                                                            \
@@ -126,11 +115,9 @@ static inline float tformer_tanhf(float z) {
                                      int64_t rows, int64_t d, int parts) {                          \
     (void)parts;                                                                                    \
     const T a = *alpha;                                                                             \
-    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)")         \
+    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_PARALLEL_MIN)")         \
     {                                                                                               \
-      int64_t part = 0, nparts = 1;                                                                 \
-      TFORMER_PART(part, nparts);                                                                   \
-      const int64_t first = rows * part / nparts, last = rows * (part + 1) / nparts;                \
+      TFORMER_THREAD_ROWS(rows, part, nparts, first, last);                                         \
       T *restrict dw = partial + part * (2 * d + 1), *restrict db = dw + d;                         \
       T da = 0;                                                                                     \
       for (int64_t i = first; i < last; ++i) {                                                      \
@@ -168,7 +155,7 @@ static inline float tformer_tanhf(float z) {
                                           double eps, int threads) {                                \
     (void)threads;                                                                                  \
     const T s = *scale;                                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)") \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_PARALLEL_MIN)") \
     for (int64_t i = 0; i < rows; ++i) {                                                            \
       const T *xr = x + i * d;                                                                      \
       T *yr = y + i * d;                                                                            \
@@ -189,11 +176,9 @@ static inline float tformer_tanhf(float z) {
                                            int64_t d, double eps, int parts) {                      \
     (void)parts;                                                                                    \
     const T s = *scale;                                                                             \
-    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)")         \
+    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_PARALLEL_MIN)")         \
     {                                                                                               \
-      int64_t part = 0, nparts = 1;                                                                 \
-      TFORMER_PART(part, nparts);                                                                   \
-      const int64_t first = rows * part / nparts, last = rows * (part + 1) / nparts;                \
+      TFORMER_THREAD_ROWS(rows, part, nparts, first, last);                                         \
       T ds = 0;                                                                                     \
       for (int64_t i = first; i < last; ++i) {                                                      \
         const T *xr = x + i * d, *gr = dy + i * d;                                                  \
@@ -218,7 +203,7 @@ static inline float tformer_tanhf(float z) {
                                         double k, double scale, int threads) {                      \
     (void)threads;                                                                                  \
     const T kk = (T)k, cc = (T)scale;                                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)") \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_PARALLEL_MIN)") \
     for (int64_t i = 0; i < rows; ++i) {                                                            \
       const T *xr = x + i * d;                                                                      \
       T *yr = y + i * d;                                                                            \
@@ -245,7 +230,7 @@ static inline float tformer_tanhf(float z) {
                                          double scale, int threads) {                               \
     (void)threads;                                                                                  \
     const T kk = (T)k, cc = (T)scale;                                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)") \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_PARALLEL_MIN)") \
     for (int64_t i = 0; i < rows; ++i) {                                                            \
       const T *xr = x + i * d, *gr = dy + i * d;                                                    \
       T *dr = dx + i * d;                                                                           \
@@ -275,11 +260,9 @@ static inline float tformer_tanhf(float z) {
                                         int64_t groups, double geps, int parts) {                   \
     (void)parts;                                                                                    \
     const int64_t c = groups ? d / groups : d;                                                      \
-    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)")         \
+    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_PARALLEL_MIN)")         \
     {                                                                                               \
-      int64_t part = 0, nparts = 1;                                                                 \
-      TFORMER_PART(part, nparts);                                                                   \
-      const int64_t first = rows * part / nparts, last = rows * (part + 1) / nparts;                \
+      TFORMER_THREAD_ROWS(rows, part, nparts, first, last);                                         \
       double *restrict total = partial + part * d;                                                  \
       T *restrict col = scratch + part * d;                                                         \
       for (int64_t start = first; start < last; start += TFORMER_BLOCK_ROWS) {                     \
@@ -320,7 +303,7 @@ static inline float tformer_tanhf(float z) {
     (void)threads;                                                                                  \
     const int64_t c = groups ? d / groups : d, ng = groups ? groups : 1;                            \
     for (int64_t j = 0; j < d; ++j) s[j] = (T)1 / SQRT(psi2[j] + (T)eps);                           \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)") \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_PARALLEL_MIN)") \
     for (int64_t i = 0; i < rows; ++i) {                                                            \
       for (int64_t g = 0; g < ng; ++g) {                                                            \
         const int64_t o = g * c;                                                                    \
@@ -357,12 +340,10 @@ static inline float tformer_tanhf(float z) {
     }                                                                                               \
     for (int64_t j = 0; j < (int64_t)parts * 3 * d; ++j) partial[j] = 0;                            \
     int used = 1;                                                                                   \
-    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)")         \
+    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_PARALLEL_MIN)")         \
     {                                                                                               \
-      int64_t part = 0, nparts = 1;                                                                 \
-      TFORMER_PART(part, nparts);                                                                   \
+      TFORMER_THREAD_ROWS(rows, part, nparts, first, last);                                         \
       if (part == 0) used = (int)nparts;                                                            \
-      const int64_t first = rows * part / nparts, last = rows * (part + 1) / nparts;                \
       T *restrict pnu = partial + part * 3 * d, *restrict pw = pnu + d, *restrict pb = pw + d;      \
       for (int64_t i = first; i < last; ++i) {                                                      \
         for (int64_t g = 0; g < ng; ++g) {                                                          \
@@ -419,11 +400,9 @@ static inline float tformer_tanhf(float z) {
                                         double *restrict partial, int64_t rows, int64_t d,          \
                                         int parts) {                                                \
     (void)parts;                                                                                    \
-    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)")         \
+    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_PARALLEL_MIN)")         \
     {                                                                                               \
-      int64_t part = 0, nparts = 1;                                                                 \
-      TFORMER_PART(part, nparts);                                                                   \
-      const int64_t first = rows * part / nparts, last = rows * (part + 1) / nparts;                \
+      TFORMER_THREAD_ROWS(rows, part, nparts, first, last);                                         \
       double *restrict s1 = partial + part * 2 * d, *restrict s2 = s1 + d;                          \
       T *restrict b1 = scratch + part * 2 * d, *restrict b2 = b1 + d;                               \
       for (int64_t start = first; start < last; start += TFORMER_BLOCK_ROWS) {                     \
@@ -453,7 +432,7 @@ static inline float tformer_tanhf(float z) {
                                           const T *restrict a, const T *restrict b, T *restrict y,  \
                                           int64_t rows, int64_t d, int threads) {                   \
     (void)threads;                                                                                  \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)") \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * d >= TFORMER_PARALLEL_MIN)") \
     for (int64_t i = 0; i < rows; ++i) {                                                            \
       const T *xr = x + i * d;                                                                      \
       T *yr = y + i * d;                                                                            \
@@ -479,11 +458,9 @@ static inline float tformer_tanhf(float z) {
       double *restrict partial, int64_t rows, int64_t d, int parts) {                               \
     (void)parts;                                                                                    \
     T *restrict ca = coef, *restrict c0 = coef + d, *restrict c2 = coef + 2 * d;                    \
-    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_NORMS_PARALLEL_MIN)")         \
+    _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_PARALLEL_MIN)")         \
     {                                                                                               \
-      int64_t part = 0, nparts = 1;                                                                 \
-      TFORMER_PART(part, nparts);                                                                   \
-      const int64_t first = rows * part / nparts, last = rows * (part + 1) / nparts;                \
+      TFORMER_THREAD_ROWS(rows, part, nparts, first, last);                                         \
       double *restrict s1 = partial + part * 2 * d, *restrict s2 = s1 + d;                          \
       T *restrict b1 = scratch + part * 2 * d, *restrict b2 = b1 + d;                               \
       for (int64_t j = 0; j < 2 * d; ++j) s1[j] = 0;                                                \

@@ -19,11 +19,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-#define TFORMER_PARALLEL_MIN 32768 /* elements below which one thread is faster */
+#include "threads.h"
+
 
 #define TFORMER_RMSNORM(T, SUFFIX, SQRT)                                                          \
   void tformer_rmsnorm_forward_##SUFFIX(const T *restrict x, const T *restrict w, T *restrict y,   \
@@ -52,9 +50,7 @@
     (void)parts;                                                                                   \
     _Pragma("omp parallel num_threads(parts) if (rows * d >= TFORMER_PARALLEL_MIN)")              \
     {                                                                                              \
-      int64_t part = 0, nparts = 1;                                                                \
-      TFORMER_THREAD_INDEX(part, nparts);                                                          \
-      const int64_t first = rows * part / nparts, last = rows * (part + 1) / nparts;               \
+      TFORMER_THREAD_ROWS(rows, part, nparts, first, last);                                         \
       T *restrict dw = dw_partial + part * d;                                                      \
       for (int64_t i = first; i < last; ++i) {                                                     \
         const T *xr = x + i * d, *gr = dy + i * d;                                                 \
@@ -73,15 +69,6 @@
     }                                                                                              \
   }
 
-#ifdef _OPENMP
-#define TFORMER_THREAD_INDEX(part, nparts) \
-  do {                                     \
-    part = omp_get_thread_num();           \
-    nparts = omp_get_num_threads();        \
-  } while (0)
-#else
-#define TFORMER_THREAD_INDEX(part, nparts) ((void)0)
-#endif
 
 TFORMER_RMSNORM(float, f32, sqrtf)
 TFORMER_RMSNORM(double, f64, sqrt)
