@@ -49,7 +49,8 @@ def test_config_errors_name_the_key_and_choices(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["model.block.norm=groupnorm"], "norm='groupnorm' is not a known norm"),
     (["data.path=/nonexistent/corpus.txt"], "no such file"),
-    (["train.schedule=cosine", "train.steps=5", "train.warmup_steps=10"], "needs total_steps"),
+    (["train.schedule=cosine", "train.steps=5", "train.warmup_steps=10"],
+     "train.steps=5 must be greater than train.warmup_steps=10"),
     (["train.lrr=1"], "did you mean 'lr'"),
 ])
 def test_cli_stops_before_training_with_a_clear_message(tmp_path, capsys, args, message):

@@ -79,12 +79,14 @@ def _recipe_config(task_hint: str | None, items: list[str]) -> dict:
 
 def _train(args: argparse.Namespace) -> int:
     from tformer.training.diagnosis import TrainingDiverged
-    from tformer.training.loop import train
+    from tformer.training.loop import TrainingInterrupted, train
 
     config = _recipe_config(args.task, args.config)
-    if args.print_config:
+    if args.print_config:  # checked as the run checks it (data, model on the meta device, ...), then printed
         from tformer.recipe_config import dump_config
+        from tformer.training.schema import check_recipe
 
+        check_recipe(config)
         print(dump_config(config), end="")
         return 0
     try:
@@ -92,10 +94,24 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"tformer train: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM during the steps: the step's checkpoint is written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\ntformer train: {stop}", file=sys.stderr)
+        return stop.exit_code  # 130 for SIGINT, 143 for SIGTERM
+    except KeyboardInterrupt:  # Ctrl-C outside the steps (setting up): say what a rerun does, from latest.json
         run_dir = Path(config["out_dir"]) / config["run"]
-        print(f"\ntformer train: interrupted; run the same command to resume from the last checkpoint in {run_dir}",
-              file=sys.stderr)
+        try:
+            newest = json.loads((run_dir / "latest.json").read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            newest = None
+        if not config["resume"]:
+            then = "the same command starts over (resume=false)"
+        elif newest is None:
+            then = f"{run_dir} holds no checkpoint yet: the same command starts over"
+        else:
+            then = f"run the same command to resume from step {newest}, the newest checkpoint in {run_dir}"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\ntformer train: interrupted; {then}", file=sys.stderr)
         return 130
     final = result.final
     if int(os.environ.get("RANK", "0")) == 0:
@@ -323,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "<out_dir>/<run>/ when a checkpoint is there (resume=false starts over). Works under torchrun.")
     train.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="config file and overrides")
     train.add_argument("--task", choices=["lm", "seq2seq"], default=None, help="the task when no config file names it")
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--print-config", action="store_true", help="check the config as a run would (nothing trained or written), print it and exit; a bad config exits with code 2")
     train.set_defaults(run=_train)
 
     study = commands.add_parser(

@@ -32,13 +32,13 @@ def _coerce(path: str, value, default):
             return int(value)
         raise ConfigError(f"{path}={value!r} must be an integer")
     if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            except ValueError:
-                pass
+            if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+                return float(value)
+        except (ValueError, OverflowError):  # not a number, or an integer too large for a float
+            pass
         raise ConfigError(f"{path}={value!r} must be a number")
     if isinstance(default, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

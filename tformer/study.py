@@ -17,15 +17,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .analysis.plots import pyplot
-from .config import BlockConfig
 from .atlas import STUCK_MARGIN
 from .checkpoint import write_csv
+from .config import BlockConfig
 from .data import corpus_splits
 from .data import unigram_entropy as token_entropy
 from .recipe_config import load_config
 from .training.diagnosis import TrainingDiverged
 from .training.loop import train
-from .training.schema import recipe_defaults
+from .training.schema import check_recipe, recipe_defaults
 
 #: The study's model and optimizer: 6 layers (Xiong's depth), small enough for CPU.
 STUDY_OVERRIDES = [
@@ -79,7 +79,9 @@ def run_study(
             f"model.block.placement={placement}", f"model.block.norm={norm}", f"train.warmup_steps={warmup}",
             *overrides,
         ]))
-        BlockConfig(**runs[name][3]["model"]["block"])  # a bad name fails now, not after an hour of runs
+        BlockConfig(**runs[name][3]["model"]["block"])  # a bad --placements/--norms name fails first, as itself
+    for *_, config in runs.values():
+        check_recipe(config)  # then any bad value: now, not after an hour of runs
     entropy = unigram_entropy()
     rows, curves = [], {}
     bar = tqdm(runs.items(), desc="placement study", unit="run", disable=not progress, dynamic_ncols=True)
@@ -95,7 +97,7 @@ def run_study(
         losses = [e["val_loss"] for e in evals]
         final = losses[-1] if losses else math.nan
         if status is None:
-            status = "stuck (near unigram entropy)" if final > entropy - STUCK_MARGIN else "trained"
+            status = arm_status(final, entropy)
         reached = next((e["step"] for e in evals if e["val_loss"] <= target_loss), None)
         bits = evals[-1].get("bits_per_byte", math.nan) if evals else math.nan
         rows.append(StudyRow(placement, norm, warmup, final, min(losses, default=math.nan), status, reached, seconds,
@@ -106,21 +108,69 @@ def run_study(
     return rows, summary
 
 
+TRAINED = "trained"
+
+
+def arm_status(final_val_loss: float, entropy: float) -> str:
+    """A finished run's status: ``"trained"`` when its final validation loss is finite and at least
+    ``STUCK_MARGIN`` nats below the unigram entropy ``entropy`` (a model that learned only the byte frequencies
+    sits at the entropy, an untrained one above it, at ln 256 = 5.55 for bytes), else stuck (or, for a
+    non-finite validation loss, diverged)."""
+    if not math.isfinite(final_val_loss):
+        return "diverged (non-finite validation loss)"
+    return "stuck (near unigram entropy)" if final_val_loss > entropy - STUCK_MARGIN else TRAINED
+
+
+def _arm(rows: list[StudyRow], placement: str, norm: str, warmup: bool) -> StudyRow | None:
+    return next((r for r in rows if (r.placement, r.norm, r.warmup_steps > 0) == (placement, norm, warmup)), None)
+
+
 def verdict(rows: list[StudyRow], margin: float = 0.1) -> list[str]:
-    """Per placement: trains without warmup, or needs it (no-warmup runs stuck, diverged or worse by > margin)."""
+    """One line per placement, from each norm's two arms (no warmup, warmup), whose ``status`` says whether
+    they trained (``arm_status``):
+
+    * neither arm trained: **neither trains at this budget** (the study cannot tell whether warmup is needed);
+    * the no-warmup arm trained and ended within ``margin`` of the warmup arm, or the warmup arm did not
+      train: **trains without warmup**;
+    * the warmup arm trained and the no-warmup arm did not (stuck, diverged) or ended worse by more than
+      ``margin``: **needs warmup**.
+
+    A placement needs warmup when one of its norms does; the others' findings follow on the same line.
+    """
     lines = []
     for placement in dict.fromkeys(r.placement for r in rows):
-        needs = []
-        for norm in dict.fromkeys(r.norm for r in rows):
-            cold = next(r for r in rows if (r.placement, r.norm, r.warmup_steps == 0) == (placement, norm, True))
-            warm = next(r for r in rows if (r.placement, r.norm, r.warmup_steps > 0) == (placement, norm, True))
-            if cold.status != "trained" or not cold.final_val_loss <= warm.final_val_loss + margin:
+        needs, neither, fine, warm_failed = [], [], [], []
+        for norm in dict.fromkeys(r.norm for r in rows if r.placement == placement):
+            cold, warm = _arm(rows, placement, norm, False), _arm(rows, placement, norm, True)
+            if cold is None or warm is None:  # a study without one of the arms (--warmup 0) compares nothing
+                continue
+            cold_ok, warm_ok = cold.status == TRAINED, warm.status == TRAINED
+            if not cold_ok and not warm_ok:
+                neither.append(f"{norm}: {cold.final_val_loss:.3f} without warmup ({cold.status}), "
+                               f"{warm.final_val_loss:.3f} with ({warm.status})")
+            elif cold_ok and (not warm_ok or cold.final_val_loss <= warm.final_val_loss + margin):
+                fine.append(norm)
+                if not warm_ok:
+                    warm_failed.append(f"{norm}: {warm.final_val_loss:.3f}, {warm.status}")
+            else:
                 needs.append(f"{norm}: {cold.final_val_loss:.3f} without warmup ({cold.status}) vs "
                              f"{warm.final_val_loss:.3f} with")
+        untold = f"neither trains at this budget with {'; '.join(neither)}" if neither else ""
         if needs:
-            lines.append(f"- **{placement} needs warmup**: " + "; ".join(needs) + ".")
-        else:
-            lines.append(f"- **{placement} trains without warmup** (final loss within {margin} of the warmup run).")
+            lines.append(f"- **{placement} needs warmup**: " + "; ".join(needs) + (f"; {untold}" if untold else "")
+                         + ".")
+        elif neither and not fine:
+            lines.append(f"- **{placement}: neither trains at this budget** ({'; '.join(neither)}): no run ended "
+                         f"{STUCK_MARGIN} below the unigram entropy, so this budget cannot tell whether {placement} "
+                         f"needs warmup; train longer (more steps).")
+        elif fine:
+            compared = [norm for norm in fine if not any(w.startswith(f"{norm}:") for w in warm_failed)]
+            notes = [f"final loss within {margin} of the warmup run"
+                     + (f" with {', '.join(compared)}" if warm_failed else "")] if compared else []
+            if warm_failed:
+                notes.append(f"the warmup run did not train at this budget: {'; '.join(warm_failed)}")
+            lines.append(f"- **{placement} trains without warmup**" + (f" with {', '.join(fine)}" if untold else "")
+                         + f" ({'; '.join(notes)})" + (f"; {untold}" if untold else "") + ".")
     return lines
 
 
@@ -133,7 +183,9 @@ def write_results(out_dir: Path, rows: list[StudyRow], curves: dict, summary: di
         f"{summary['steps']} steps of a 6-layer byte-level LM (d_model 128) on the embedded corpus, Adam "
         f"(0.9, 0.98), lr 1e-3 with cosine decay to 10%, with no warmup or {summary['warmup_steps']} warmup steps "
         f"(Xiong et al. 2020, §3.2). Loss in nats/byte; unigram entropy {summary['unigram_entropy']:.3f}; "
-        f"target {summary['target_loss']}.", "",
+        f"target {summary['target_loss']}. A run *trained* when its final validation loss is at least "
+        f"{STUCK_MARGIN} below the unigram entropy (<= {summary['unigram_entropy'] - STUCK_MARGIN:.3f}), else it "
+        f"is stuck (or diverged); warmup is judged needed only where the warmup run trained.", "",
         header, "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

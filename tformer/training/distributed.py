@@ -7,6 +7,11 @@
   takes the CUDA device of its local rank.
 * ``process_group(world, device)``: creates the group when a multi-process run has none (nccl on
   CUDA, gloo otherwise) and destroys only a group it created itself: a caller's group survives.
+* ``Dist.largest(value)``: a MAX all-reduce of one integer. After every step the processes of a run
+  agree with it on a stop request (SIGINT/SIGTERM), so all of them stop after the same step, even when
+  the signal reached only one of them (torchrun forwards a SIGINT/SIGTERM it receives to every worker
+  and kills the workers still running after its shutdown timeout, 30 s by default: the last step and
+  the checkpoint must fit in that).
 """
 
 from __future__ import annotations
@@ -49,6 +54,15 @@ class Dist:
             dist.all_reduce(value)
             value /= self.world_size
         return value
+
+    def largest(self, value: int, device: torch.device) -> int:
+        """The largest of every process's ``value`` (a collective: every process must call it; free in one
+        process). The training loop agrees this way on whether, and on which signal, to stop after a step."""
+        if self.world_size == 1:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 def resolve_device(name: str, world: Dist | None = None) -> torch.device:

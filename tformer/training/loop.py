@@ -7,25 +7,39 @@ resumes from the run directory when it can. Each step then computes the loss and
 non-finite loss or gradient (not at an fp16 step the gradient scaler skips), updates, and on its
 cadence logs a metrics row, evaluates and checkpoints (rank 0 alone writes, but every rank writes
 its shards of an FSDP checkpoint).
+
+SIGINT (Ctrl-C) and SIGTERM do not kill a run mid-step: the step under way finishes (its metrics,
+evaluation and scheduled checkpoint included), a checkpoint of that step is written (the full
+training state, atomically, as a scheduled one: resuming is bitwise exact), and ``train`` raises
+``TrainingInterrupted`` naming the step the same command resumes from. A further signal meanwhile is
+reported and ignored, so it cannot tear the checkpoint. The handlers are installed for the steps only,
+in the main thread only (elsewhere signals keep their handlers), and the previous ones are restored;
+a signal the process ignores stays ignored. Several processes agree after every step (one MAX
+all-reduce of the signal number, skipped in one process) and all stop after the same step.
 """
 
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import atomic_write
 from ..recipe_config import dump_config
 from .diagnosis import TrainingDiverged, divergence_message, scaler_stuck_message
-from .distributed import Dist, process_group, resolve_device, wrap_model
+from .distributed import Dist, barrier, process_group, resolve_device, wrap_model
 from .engine import MAX_CONSECUTIVE_SKIPS, PRECISIONS, StepEngine, split_batch
 from .optimization import build_optimizer, build_scheduler
+from .schema import check_recipe
 from .run_logs import MetricsLog, Throughput, measured_peak_flops, monitoring, progress_bar
 from .tasks import TASKS
-from .train_state import resume, save_training_state
+from .train_state import resume, save_training_state, writable_run_dir
 
 
 @dataclass
@@ -40,15 +54,36 @@ class RunResult:
         return self.evals[-1] if self.evals else {}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped ``train`` after step ``step``, whose checkpoint (``checkpoint``; None when
+    ``log.checkpoint_every=0``) was written first. A ``KeyboardInterrupt``, as Ctrl-C always raised, so
+    ``except Exception`` does not swallow it; ``exit_code`` is the shell's 128 + signal number (130 for
+    SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, steps: int, run_dir: Path, checkpoint: Path | None, resumes: bool):
+        self.signum, self.step, self.run_dir, self.checkpoint = signum, step, run_dir, checkpoint
+        self.exit_code = 128 + signum
+        if checkpoint is None:
+            then = "checkpoints are off (log.checkpoint_every=0), so nothing was saved: the same command starts over"
+        elif resumes:
+            then = f"checkpoint written to {checkpoint}; run the same command to resume from step {step}"
+        else:
+            then = (f"checkpoint written to {checkpoint}; run the same command with resume=true to resume from "
+                    f"step {step} (with resume=false it starts over)")
+        super().__init__(f"{signal.Signals(signum).name} received: stopped after step {step} of {steps}; {then}")
+
+
 def train(config: dict, *, progress: bool | None = None, stop_at: int | None = None) -> RunResult:
     """Run the recipe ``config`` (see ``tformer.training``). Raises ``TrainingDiverged`` on NaN/inf.
 
     ``stop_at`` ends the session after that step as an interruption would (no final checkpoint):
     for time-boxed sessions and for testing resumption. Under torchrun (or inside a process group
     the caller created) each process trains its slice of every batch; a group ``train`` had to
-    create is destroyed on return, the caller's is left as it was.
+    create is destroyed on return, the caller's is left as it was. ``check_recipe`` (what ``tformer train
+    --print-config`` runs too) first checks every key, the data and the model, so a bad config stops here.
     """
     world = Dist.current()
+    check_recipe(config, world)
     device = resolve_device(config["device"], world)
     with process_group(world, device):
         return _run(config, world, device, config["log"]["progress"] if progress is None else progress, stop_at)
@@ -82,8 +117,8 @@ def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, s
     engine = StepEngine(model, trained, optimizer, task, config["train"], device)
     start = resume(config, run_dir, model, optimizer, scheduler, engine)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        writable_run_dir(run_dir)  # a directory that cannot be written stops the run now, not at its first save
+        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(dump_config(config)))
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, start if start else None)
     run = _Run(config, world, task, model, trained, optimizer, scheduler, metrics, RunResult(run_dir, start), engine)
     log = config["log"]
@@ -95,6 +130,11 @@ def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, s
 
 
 def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> None:
+    with _StopSignals(run.world.is_main, saves=run.config["log"]["checkpoint_every"] > 0) as signals:
+        _steps(run, start, show_progress, stop_at, signals)
+
+
+def _steps(run: _Run, start: int, show_progress: bool, stop_at: int | None, signals: _StopSignals) -> None:
     steps, log = run.config["train"]["steps"], run.config["log"]
     bar = progress_bar(steps, start, run.config["run"], show_progress and run.world.is_main)
     throughput = Throughput()
@@ -139,15 +179,80 @@ def _loop(run: _Run, start: int, show_progress: bool, stop_at: int | None) -> No
             evaluation = {"step": step, **run.task.evaluate(run.model)}
             run.result.evals.append(evaluation)
             run.metrics.write(evaluation)
-        sharded = run.config["train"]["parallel"] == "fsdp"  # every process writes its shards
-        if (run.world.is_main or sharded) and log["checkpoint_every"] > 0 and _due(step, log["checkpoint_every"], steps):
-            save_training_state(run.result.run_dir, step, run.model, run.optimizer, run.scheduler, run.config,
-                                log["keep_checkpoints"], run.engine.state_dict(), run.world, sharded)
+        saved = log["checkpoint_every"] > 0 and _due(step, log["checkpoint_every"], steps)
+        if saved:
+            _save(run, step)
         bar.update(1)
         run.result.steps = step
         if stop_at is not None and step >= stop_at:
             break
+        if step < steps:
+            signum = run.world.largest(signals.signum, engine.device)  # all processes stop after the same step
+            if signum:
+                _stop_interrupted(run, step, signum, saved, bar)
     bar.close()
+
+
+def _save(run: _Run, step: int) -> None:
+    sharded = run.config["train"]["parallel"] == "fsdp"  # every process writes its shards
+    if run.world.is_main or sharded:
+        save_training_state(run.result.run_dir, step, run.model, run.optimizer, run.scheduler, run.config,
+                            run.config["log"]["keep_checkpoints"], run.engine.state_dict(), run.world, sharded)
+
+
+class _StopSignals:
+    """While the steps run, SIGINT and SIGTERM ask for a stop after the current step instead of ending the
+    process mid-step; later signals are reported and ignored until the stop's checkpoint is written.
+    Installed in the main thread only, leaving an ignored signal ignored; the previous handlers come back
+    on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool, saves: bool):
+        self.signum, self.announce, self.saves, self.previous = 0, announce, saves, {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                handler = signal.getsignal(number)
+                if handler is signal.SIG_IGN:
+                    continue
+                try:
+                    signal.signal(number, self._handle)
+                except ValueError:  # not the main interpreter
+                    break
+                self.previous[number] = handler
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+    def _handle(self, number: int, frame) -> None:
+        name = signal.Signals(number).name
+        if not self.signum:
+            self.signum = number
+            then = ("then saving a checkpoint and stopping (a SIGKILL now would lose the steps since the last "
+                    "checkpoint)" if self.saves else "then stopping (checkpoints are off: nothing will be saved)")
+            message = f"{name} received: finishing the current step, {then}"
+        else:
+            message = f"{name} received again: still finishing the step{' and its checkpoint' if self.saves else ''}; ignored"
+        if self.announce:
+            print(f"\ntformer train: {message}", file=sys.stderr, flush=True)
+
+
+def _stop_interrupted(run: _Run, step: int, signum: int, saved: bool, bar) -> None:
+    """Checkpoint ``step`` (unless its scheduled checkpoint was just written) and raise ``TrainingInterrupted``."""
+    checkpoint = None
+    if run.config["log"]["checkpoint_every"] > 0:
+        if not saved:
+            _save(run, step)
+        if run.config["train"]["parallel"] != "fsdp":
+            barrier(run.world)  # the other processes leave once rank 0 has written it (FSDP's save waits itself)
+        checkpoint = run.result.run_dir / f"step_{step:07d}"
+    bar.close()
+    raise TrainingInterrupted(signum, step, run.config["train"]["steps"], run.result.run_dir, checkpoint,
+                              run.config["resume"])
 
 
 def _peak_flops(run: _Run) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,22 +21,49 @@ from torch import nn
 
 
 class MetricsLog:
-    """Append-only JSONL of metric rows; on resume, rows after the resumed step are dropped."""
+    """Append-only JSONL of metric rows; on resume, rows after the resumed step are dropped.
+
+    The file is rewritten atomically on resume, so a process killed then loses no row. A row is appended
+    in one write; a process killed in the middle of one (or a disk that filled up) leaves a torn last
+    line, which the next resume drops. A row that cannot be written raises ``CheckpointError`` naming
+    the file and the OS error."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
+        from ..checkpoint import atomic_write
+
         rows = []
         if resume_step is not None and path.exists():
-            rows = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        path.write_text("".join(line + "\n" for line in rows))
+            lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+            for number, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if number < len(lines):  # not the torn last line of a killed process: say so
+                        warnings.warn(f"{path}, line {number}: not a JSON row; dropped", stacklevel=2)
+                    continue
+                if not isinstance(row, dict) or row.get("step", 0) <= resume_step:
+                    rows.append(line)
+        try:
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in rows)))
+        except OSError as error:
+            raise _write_error(path, error) from None
 
     def write(self, row: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as error:
+                raise _write_error(self.path, error) from None
+
+
+def _write_error(path: Path, error: OSError):
+    from ..errors import CheckpointError
+
+    return CheckpointError(f"cannot write {path}: {error.strerror or error}")
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):

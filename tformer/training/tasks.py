@@ -110,7 +110,7 @@ class LanguageModelTask:
         if self.init_from.startswith(HF_PREFIX):
             model = _load_hf_causal_lm(self.init_from.removeprefix(HF_PREFIX), self.init_from)
         else:
-            model = load(self.init_from)  # CheckpointError for a missing or damaged file, naming it
+            model = load(self.init_from, dtype=torch.float32)  # trains in float32; CheckpointError names a bad file
         if not isinstance(model, LanguageModel):
             raise ConfigError(f"model.init_from={self.init_from!r} holds a {type(model).__name__}; an LM recipe "
                               f"starts from a LanguageModel checkpoint")

@@ -17,11 +17,14 @@ running anything. The shard files' tensors are read as raw bytes (other bytes wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -60,14 +63,62 @@ def unflatten_optimizer(tensors: dict[str, Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def writable_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` and a file in it, or raise ``CheckpointError`` naming it and the OS error: a run
+    whose directory cannot be written stops before its first step, not at its first checkpoint."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write_probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise CheckpointError(f"cannot write to the run directory {run_dir}: {_reason(error)}; make it writable "
+                              f"or pick another out_dir") from None
+
+
+def _reason(error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
+def _newest_checkpoint(run_dir: Path) -> int | None:
+    try:
+        return int(json.loads((run_dir / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, config: dict,
                         keep: int, engine_state: dict | None = None, world: Dist | None = None,
                         sharded: bool = False) -> Path | None:
     """Write ``step_NNNNNNN/`` (model, optimizer, RNG, JSON state) atomically, then point ``latest.json`` at it.
 
     ``sharded`` (``train.parallel=fsdp``): every process of ``world`` must call it; the model and optimizer
-    go through ``torch.distributed.checkpoint``. Otherwise only the main process calls it."""
+    go through ``torch.distributed.checkpoint``. Otherwise only the main process calls it.
+
+    The checkpoint is written under a temporary name and renamed, then ``model.safetensors`` and last
+    ``latest.json`` are replaced atomically, so a process killed at any point leaves the newest complete
+    checkpoint in place and readable (and the temporaries it left are removed by the next save). A
+    failure to write (disk full, read-only directory) raises ``CheckpointError`` naming the directory,
+    the OS error and the newest complete checkpoint, which stays whole."""
     world = world or Dist()
+    try:
+        return _save_training_state(run_dir, step, model, optimizer, scheduler, config, keep, engine_state, world,
+                                    sharded)
+    except OSError as error:
+        if world.is_main:  # give the space back
+            shutil.rmtree(run_dir / f".step_{step:07d}.tmp", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (run_dir / ".model.safetensors.tmp").unlink(missing_ok=True)
+        newest = _newest_checkpoint(run_dir)
+        kept = (f"the newest complete checkpoint (step {newest}) is whole: make room (or make the directory "
+                f"writable) and run the same command to resume from it" if newest is not None
+                else "there is no earlier checkpoint")
+        raise CheckpointError(f"cannot write checkpoint step {step} to {run_dir}: {_reason(error)}; {kept}") from None
+
+
+def _save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, config: dict, keep: int,
+                         engine_state: dict | None, world: Dist, sharded: bool) -> Path | None:
     name = f"step_{step:07d}"
     final, tmp = run_dir / name, run_dir / f".{name}.tmp"
     if world.is_main:
@@ -91,17 +142,34 @@ def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, s
     state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": plain_optimizer,
              "python_random": _jsonable(random.getstate()), "config": config, "engine": engine_state or {}}
     checkpoint.atomic_write(tmp / "train_state.json", lambda p: Path(p).write_text(json.dumps(state)))
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # the same step saved before (a session killed before it moved latest.json on)
+        _discard(final, run_dir)
     os.replace(tmp, final)
-    checkpoint.atomic_write(run_dir / "latest.json", lambda p: Path(p).write_text(json.dumps({"step": step, "dir": name})))
+    # the model copy before latest.json: a kill in between leaves latest.json one checkpoint behind (that
+    # step is trained again and saved again), never pointing at a step whose model.safetensors is missing
     shutil.copyfile(final / "model.safetensors", run_dir / ".model.safetensors.tmp")
     os.replace(run_dir / ".model.safetensors.tmp", run_dir / "model.safetensors")
+    checkpoint.atomic_write(run_dir / "latest.json", lambda p: Path(p).write_text(json.dumps({"step": step, "dir": name})))
     old = sorted(p for p in run_dir.glob("step_*") if p.is_dir() and p.name != name)
     for stale in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(stale, ignore_errors=True)
+        _discard(stale, run_dir)
+    for leftover in run_dir.glob(".*.tmp"):  # what killed sessions left half-written (never read)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     if sharded:
         barrier(world)
     return final
+
+
+def _discard(directory: Path, run_dir: Path) -> None:
+    """Remove a checkpoint directory: renamed out of the ``step_*`` names first, so a kill during the removal
+    leaves no half-deleted checkpoint behind, only a temporary the next save removes."""
+    trash = run_dir / f".{directory.name}.discarded.tmp"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(directory, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _save_sharded(directory: Path, model: nn.Module, optimizer, world: Dist) -> None:
@@ -252,16 +320,171 @@ def _with_defaults(saved: dict, section: str) -> dict:
         return saved[section]
 
 
+#: keys whose change alters nothing that is trained: where the run lives and whether a progress bar shows
+_NOT_REPORTED = ("run", "out_dir", "resume", "log.progress")
+#: the keys of the learning-rate plan, which a resumed run re-plans (``replan_schedule``)
+SCHEDULE_KEYS = ("train.lr", "train.steps", "train.warmup_steps", "train.schedule", "train.min_lr_ratio")
+#: AdamW's settings other than the learning rate, which a resumed run takes from the config
+OPTIMIZER_KEYS = ("train.betas", "train.eps", "train.weight_decay")
+_ABSENT = object()
+
+
+def read_saved_config(run_dir: Path) -> dict:
+    """The config saved with the checkpoint ``<run_dir>/latest.json`` names (``CheckpointError`` if unreadable)."""
+    try:
+        latest = json.loads((run_dir / "latest.json").read_text())
+        config = json.loads((run_dir / latest["dir"] / "train_state.json").read_text())["config"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{run_dir}: cannot resume, the training state is unreadable ({error}); remove "
+                              f"{run_dir / 'latest.json'} to start over, or pass resume=false") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{run_dir}: cannot resume, the training state holds no config; remove "
+                              f"{run_dir / 'latest.json'} to start over, or pass resume=false")
+    return config
+
+
+def _completed(saved: dict) -> dict:
+    """A saved config with the keys added to the schema since it was written at today's defaults."""
+    try:
+        defaults = recipe_defaults(saved.get("task", "lm"))
+    except ConfigError:
+        return saved
+    out = {**defaults, **saved}
+    for section, default in defaults.items():
+        if isinstance(default, dict) and isinstance(saved.get(section), dict):
+            out[section] = _with_defaults(saved, section)
+    return out
+
+
+def _flat(config: dict, schema: dict, prefix: str = "") -> dict:
+    """``config`` as ``{dotted key: value}``, down to the schema's keys (``model.block.norm_options`` is one)."""
+    out = {}
+    for key, value in config.items():
+        inner = schema.get(key) if isinstance(schema, dict) else None
+        if isinstance(inner, dict) and inner and isinstance(value, dict):
+            out.update(_flat(value, inner, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, config: dict) -> list[tuple[str, object, object]]:
+    """``(dotted key, saved value, value now)`` for every key that differs, in the config's order (keys that
+    change nothing trained, such as ``log.progress``, left out)."""
+    schema = recipe_defaults(config["task"])
+    old, new = _flat(_completed(saved), schema), _flat(config, schema)
+    keys = [k for k in dict.fromkeys([*new, *old]) if k not in _NOT_REPORTED]
+    return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _show(value) -> str:
+    if value is _ABSENT:
+        return "(not set)"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_same_model(config: dict, saved: dict, run_dir: Path) -> None:
+    """Refuse to resume ``saved`` (a checkpoint's config) with another task or model, naming what differs."""
+    differ = [(k, old, new) for k, old, new in config_changes(saved, config) if k == "task" or k.startswith("model.")]
+    if differ:
+        listed = "; ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in differ)
+        raise ConfigError(f"{run_dir} holds a run with a different model ({listed}); pick another run name or "
+                          f"resume=false")
+
+
+def check_resumable(config: dict) -> None:
+    """What ``resume`` checks before loading anything: a checkpoint to resume holds the same task and model."""
+    run_dir = Path(config["out_dir"]) / config["run"]
+    try:
+        found = config["resume"] and (run_dir / "latest.json").exists()
+    except OSError as error:  # e.g. a name too long for the file system
+        raise ConfigError(f"out_dir={config['out_dir']!r}, run={config['run']!r}: {error.strerror or error}") from None
+    if found:
+        check_same_model(config, read_saved_config(run_dir), run_dir)
+
+
+def _consequence(key: str, old, new, step: int) -> str:
+    """What changing ``key`` does to a run resumed at ``step``."""
+    then = f"from step {step + 1}"
+    if key == "train.steps":
+        if new <= step:
+            return f"the checkpoint is at step {step} already: nothing is left to train (raise train.steps to go on)"
+        return f"the run now ends at step {new} ({new - step} steps to go)"
+    if key == "train.warmup_steps":
+        return f"warmup now ends at step {new}" + (" (already past)" if new <= step else "")
+    if key == "train.lr":
+        return f"the new peak learning rate, {then}"
+    if key == "train.schedule":
+        return f"the new schedule takes over {then}"
+    if key == "train.min_lr_ratio":
+        return f"the decay now ends at {_show(new)} x train.lr"
+    if key in OPTIMIZER_KEYS:
+        return f"AdamW uses the new value {then}; its moment estimates carry over"
+    if key in ("seed", "train.batch_size", "train.grad_accum") or key.startswith("data."):
+        return f"batches {then} on use the new value (a batch is a function of the seed, the step and the data keys)"
+    if key.startswith("log."):
+        return f"the new cadence applies {then}"
+    return f"applies {then}"
+
+
+def _plan(train: dict) -> str:
+    from ..schedulers import SCHEDULERS
+
+    cls = SCHEDULERS[train["schedule"]]
+    plan = f"{train['schedule']}, peak lr {train['lr']:g}"
+    if cls.has_warmup:
+        plan += f", {train['warmup_steps']} warmup steps"
+    if cls.needs_total_steps:
+        plan += f", decaying to {train['min_lr_ratio']:g} x lr at step {train['steps']}"
+    return plan
+
+
+def resume_report(run_dir: Path, step: int, changes: list, train: dict, old_lr: float, new_lr: float) -> str:
+    """The message a resumed run prints: every changed key, old -> new, and what the run does about it."""
+    lines = [f"resuming {run_dir} at step {step} with a config that differs from its checkpoint's:"]
+    lines += [f"  {key}: {_show(old)} -> {_show(new)}: {_consequence(key, old, new, step)}" for key, old, new in changes]
+    if any(key in SCHEDULE_KEYS for key, _, _ in changes):
+        lines.append(f"  learning-rate schedule re-planned ({_plan(train)}); the scheduler resumes at step {step} of "
+                     f"the new plan: lr {new_lr:.4g} for step {step + 1} (the checkpoint's plan: {old_lr:.4g})")
+    return "\n".join(lines)
+
+
+def _take_optimizer_settings(model: nn.Module, optimizer, train: dict) -> None:
+    """Set AdamW's betas, eps and weight decay of every parameter group from ``train`` (as a new run would)."""
+    from .optimization import build_optimizer
+
+    for group, fresh in zip(optimizer.param_groups, build_optimizer(model, train).param_groups):
+        for key in ("betas", "eps", "weight_decay"):
+            group[key] = fresh[key]
+
+
 def resume(config: dict, run_dir: Path, model: nn.Module, optimizer, scheduler, engine=None) -> int:
     """The step to start from: 0, or (with ``resume: true`` and a ``latest.json``) the restored checkpoint's.
 
-    The checkpoint must hold the same task and model as ``config``; the rest of ``config`` wins,
-    so a longer ``train.steps`` re-plans the learning-rate decay from here.
+    The checkpoint must hold the same task and model as ``config`` (checked before anything is loaded). The
+    rest of ``config`` wins: the learning-rate plan (``SCHEDULE_KEYS``) is re-planned and the scheduler resumes
+    at the checkpoint's step of the new plan (a longer ``train.steps`` stretches the decay from here), AdamW
+    takes the new betas, eps and weight decay (its moment estimates carry over), and batches, evaluations and
+    checkpoints follow the new keys from the next step. Every key that changed is reported on stderr (by the
+    main process), old -> new, with what the run does about it.
     """
     if not (config["resume"] and (run_dir / "latest.json").exists()):
         return 0
+    check_same_model(config, read_saved_config(run_dir), run_dir)
     step, saved_config = load_training_state(run_dir, model, optimizer, scheduler, engine)
-    if _with_defaults(saved_config, "model") != config["model"] or saved_config["task"] != config["task"]:
-        raise ConfigError(f"{run_dir} holds a run with a different model; pick another run name or resume=false")
+    changes = config_changes(saved_config, config)
+    changed = {key for key, _, _ in changes}
+    old_lr = scheduler.get_last_lr()[0]
     replan_schedule(scheduler, optimizer, config["train"])
+    if changed & set(SCHEDULE_KEYS):  # also a new train.schedule alone, which replan_schedule does not compare
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if changed & set(OPTIMIZER_KEYS):
+        _take_optimizer_settings(model, optimizer, config["train"])
+    if changes and Dist.current().is_main:
+        print(resume_report(run_dir, step, changes, config["train"], old_lr, scheduler.get_last_lr()[0]),
+              file=sys.stderr, flush=True)
     return step
