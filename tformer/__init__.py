@@ -8,7 +8,7 @@ attention on any backend (``BACKENDS``); see ``BlockConfig``.
 from . import rmsnorm, powernorm, batchnorm, stack_placements  # noqa: I001  (registration first)
 from . import analysis, convert, data
 from .backends import BACKENDS
-from .blocks import DecoderBlock, EncoderBlock, TransformerBlock
+from .blocks import DecoderBlock, EncoderBlock, TransformerBlock, debug_checks, get_debug_checks, set_debug_checks
 from .checkpoint import load, read_metadata, save
 from .config import BlockConfig
 from .deepnorm import deepnorm_constants
@@ -26,7 +26,7 @@ from .schedulers import SCHEDULERS, make_scheduler
 from .stacks import Decoder, Encoder
 from .switch_placement import with_placement
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "ACTIVATIONS",
@@ -51,15 +51,18 @@ __all__ = [
     "TransformerBlock",
     "UnsupportedArgumentError",
     "UnsupportedLayerError",
+    "debug_checks",
     "deepnorm_constants",
     "from_hf",
     "from_torch",
+    "get_debug_checks",
     "hyper_connections",
     "make_norm",
     "make_scheduler",
     "load",
     "read_metadata",
     "save",
+    "set_debug_checks",
     "with_placement",
     "to_hf",
 ]

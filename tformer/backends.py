@@ -47,10 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
 from .registry import Registry
 
 AttentionFn = Callable[..., Tensor]
 BACKENDS: Registry[AttentionFn] = Registry("attention backend", field="attention")
+
+
+class BackendUnavailableError(ConfigError, RuntimeError):
+    """``attention='xformers'`` asked for where xformers cannot run (no CUDA tensor, no working build): a
+    ``ConfigError`` naming the field and saying what to use instead; a ``RuntimeError`` as it always was."""
 
 
 def check_causal_lengths(causal: bool, q_len: int, kv_len: int) -> None:
@@ -181,7 +187,7 @@ class XFormersAttention:
             return self.kernel
         reason = xformers_unavailable_reason(device)
         if reason is not None:
-            raise RuntimeError(f"attention='xformers' cannot run: {reason}. Use attention='auto' or 'sdpa'.")
+            raise BackendUnavailableError(f"attention='xformers' cannot run: {reason}. Use attention='auto' or 'sdpa'.")
         from xformers.ops import memory_efficient_attention
 
         return memory_efficient_attention

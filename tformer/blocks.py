@@ -15,12 +15,23 @@ Call signatures a part must accept:
 * self-attention: ``attn(x, padding_mask=...)`` (plus ``cache=`` while decoding with a KV cache);
 * cross-attention: ``cross_attn(x, memory=..., memory_padding_mask=...)``;
 * feed-forward: ``ffn(x)``;
+
 each ``(batch, seq, d_model) -> (batch, seq, d_model)``.
+
+Inputs are validated where they enter: a block called on its own checks its ``x``, ``padding_mask`` and
+``memory``; a stack checks them once at its entry and calls its blocks with ``_checked=True``, so nothing is
+checked again per layer. The checks are O(1) Python on shapes and dtypes (``check_inputs``, ``check_memory``,
+``check_dtype``) and raise ``TypeError`` / ``ValueError`` naming the argument, what it was and what is valid,
+before torch would fail deep inside ("mixed dtype", a size mismatch). Opt-in debug checks
+(``set_debug_checks``) add a NaN/inf check of the inputs and, in ``"blocks"`` mode, of every block's output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -65,20 +76,166 @@ def reject_arguments(unexpected: dict, where: str, valid: tuple[str, ...]) -> No
 
 
 def check_inputs(x: Tensor, padding_mask: Tensor | None, d_model: int | None, what: str = "x") -> None:
-    """Raise a clear error for a wrongly shaped input or a padding mask that is not (batch, seq) bool."""
+    """Raise a clear error for a wrongly shaped input or a padding mask that is not (batch, seq) bool.
+
+    O(1) Python on shapes and dtypes (no reduction over the data): ``x`` must be a floating-point
+    ``(batch, seq, d_model)`` tensor, ``padding_mask`` None or a ``(batch, seq)`` bool tensor.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a tensor of shape (batch, seq, d_model), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor (batch, seq, d_model), got dtype {x.dtype}: "
+                        f"call {what}.to(dtype) with the module's dtype (e.g. torch.float32) on the input")
     if x.dim() != 3 or (d_model is not None and x.shape[-1] != d_model):
         raise ValueError(f"{what} must have shape (batch, seq, {d_model or 'd_model'}), got {tuple(x.shape)}")
     if padding_mask is not None:
+        argument = "padding_mask" if what == "x" else f"{what}_padding_mask"
         if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
             got = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
-            raise TypeError(f"the padding mask for {what} must be a bool tensor (True = padding), got {got}")
+            raise TypeError(f"the padding mask for {what} must be a bool tensor (True = padding), got {got}: pass "
+                            f"{argument} as a (batch, seq) bool tensor (e.g. attention_mask == 0)")
         if tuple(padding_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(
                 f"the padding mask for {what} must have shape (batch, seq) = {tuple(x.shape[:2])}, "
-                f"got {tuple(padding_mask.shape)}"
+                f"got {tuple(padding_mask.shape)} ({argument})"
             )
+
+
+def check_memory(memory, memory_padding_mask: Tensor | None, x_shape: tuple, d_model: int | None) -> None:
+    """Raise a clear error unless ``memory`` is a floating-point ``(batch, mem_seq, d_model)`` tensor with the
+    batch size of the target ``x`` (of shape ``x_shape``) and ``memory_padding_mask`` fits it (O(1))."""
+    if not isinstance(memory, Tensor):
+        raise TypeError(f"memory must be a tensor of shape (batch, mem_seq, d_model), got {type(memory).__name__}")
+    width = x_shape[-1] if d_model is None else d_model
+    if memory.dim() != 3 or memory.shape[0] != x_shape[0] or memory.shape[-1] != width:
+        raise ValueError(
+            f"memory must have shape (batch, mem_seq, d_model) = ({x_shape[0]}, mem_seq, {width}) to match the "
+            f"target x of shape {tuple(x_shape)}, got memory of shape {tuple(memory.shape)}"
+        )
+    check_inputs(memory, memory_padding_mask, width, what="memory")
+
+
+def check_dtype(x: Tensor, reference: Tensor | None, what: str, where: str) -> None:
+    """Raise ``TypeError`` when ``x`` (a floating-point input) and ``reference`` (a weight of the module
+    ``where`` that reads it) differ in dtype, which torch would report as a "mixed dtype" error deep inside.
+
+    O(1). Not an error under ``torch.autocast`` on ``x``'s device (autocast casts per op) nor when the
+    weight is an FSDP2 shard (a ``DTensor``: FSDP's hooks gather it and cast the inputs in each block).
+    """
+    if reference is None or x.dtype == reference.dtype:
+        return
+    if torch.is_autocast_enabled(x.device.type) or _is_dtensor(reference):
+        return
+    raise TypeError(
+        f"{what} has dtype {x.dtype} but the {where} it is passed to has {reference.dtype} weights: call "
+        f"{what}.to({reference.dtype}) on the input, or .to({x.dtype}) on the module (or run under torch.autocast)"
+    )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+# ---------------------------------------------------------------------------------------------- debug checks
+
+_DEBUG_MODES = (False, "inputs", "blocks")
+
+
+def _resolve_debug_mode(mode) -> bool | str:
+    resolved = "inputs" if mode is True else (False if mode is None else mode)
+    if resolved not in _DEBUG_MODES:
+        raise ConfigError(f"debug checks mode={mode!r}; valid choices: False (off), True or 'inputs', 'blocks'")
+    return resolved
+
+
+def _debug_mode_from_environment() -> bool | str:
+    value = os.environ.get("TFORMER_DEBUG_CHECKS", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on", "inputs"):
+        return "inputs"
+    if value == "blocks":
+        return "blocks"
+    warnings.warn(f"TFORMER_DEBUG_CHECKS={value!r} is not one of 0, 1, inputs, blocks: debug checks stay off",
+                  stacklevel=2)
+    return False
+
+
+class _DebugChecks:
+    """The process-wide debug-check mode (``set_debug_checks``); a plain attribute, read once per forward."""
+
+    mode: bool | str = _debug_mode_from_environment()
+
+
+def set_debug_checks(mode: bool | str = True) -> None:
+    """Switch tformer's debug checks on or off for the whole process (as ``torch.autograd.set_detect_anomaly``).
+
+    ``mode``:
+
+    * ``False`` (the default, unless the environment variable ``TFORMER_DEBUG_CHECKS`` says otherwise):
+      only the O(1) checks of shapes and dtypes, plus the token-id range check on the CPU;
+    * ``True`` or ``"inputs"``: also refuse a non-finite (NaN or inf) input with a ``ValueError`` that
+      names the argument and counts the bad values: the ``x`` (and ``memory``) a stack or a block is
+      called with (for a model: its embeddings), once per call at the entry; and check token ids
+      on every device (on CUDA that costs a host synchronization per forward);
+    * ``"blocks"``: also each block's output inside a stack and the stack's output, so the error names
+      the first layer whose output went non-finite.
+
+    The finiteness check is one reduction over the input (a sum, confirmed exactly only when it is not
+    finite); ``python benchmarks/finite_check.py`` measures its cost. Checks are skipped while
+    ``torch.compile`` traces (they branch on data). ``TFORMER_DEBUG_CHECKS=1`` (or ``inputs``,
+    ``blocks``) sets the mode at import, to debug a script without editing it; ``debug_checks`` sets
+    it for a ``with`` block.
+    """
+    _DebugChecks.mode = _resolve_debug_mode(mode)
+
+
+def get_debug_checks() -> bool | str:
+    """The current debug-check mode: ``False``, ``"inputs"`` or ``"blocks"`` (see ``set_debug_checks``)."""
+    return _DebugChecks.mode
+
+
+@contextlib.contextmanager
+def debug_checks(mode: bool | str = True):
+    """``with tformer.debug_checks(): ...`` runs the block with ``set_debug_checks(mode)`` and restores the
+    previous mode afterwards (process-wide, not per thread)."""
+    previous = _DebugChecks.mode
+    set_debug_checks(mode)
+    try:
+        yield
+    finally:
+        _DebugChecks.mode = previous
+
+
+def debug_mode() -> bool | str:
+    """The mode a forward runs its debug checks with: ``get_debug_checks()``, or False while compiling/tracing."""
+    mode = _DebugChecks.mode
+    if mode and (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return False
+    return mode
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` if ``x`` holds NaN or inf (one sum; exact count only on failure)."""
+    if x.numel() == 0:
+        return
+    total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    if bool(total.isfinite()):
+        return
+    bad = ~torch.isfinite(x)  # the sum can overflow on finite values: confirm exactly
+    count = int(bad.sum())
+    if count == 0:
+        return
+    nan, first = int(torch.isnan(x).sum()), tuple(int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"{what} has non-finite values: {nan} NaN and {count - nan} inf among {x.numel()} elements of shape "
+        f"{tuple(x.shape)}, the first at index {first} (tformer debug checks; tformer.set_debug_checks(False) "
+        f"switches them off)"
+    )
 
 
 def _accepts_branch_init(module: nn.Module) -> bool:
@@ -181,14 +338,48 @@ class TransformerBlock(BuiltFromSpec, nn.Module):
         """A stack's output from the stream after this (its last) block."""
         return self._last_residual.end(stream, final_norm, padding_mask)
 
-    def _enter(self, x, padding_mask: Tensor | None):
-        """``(stream, standalone)``: a tensor starts the placements' stream here, a stream object continues."""
-        check_inputs(stream_tensor(x), padding_mask, self.d_model)
+    def reference_weight(self) -> Tensor | None:
+        """The weight whose dtype an input must have: the self-attention's input projection (a custom
+        attention part's first parameter; None if it has none). O(1) for tformer's attention."""
+        attn = self.attn
+        if isinstance(attn, MultiHeadAttention):
+            return attn.q.weight if attn.cross else attn.qkv.weight
+        return next(attn.parameters(), None)
+
+    def check_input(self, x: Tensor, padding_mask: Tensor | None, memory: Tensor | None = None,
+                    memory_padding_mask: Tensor | None = None, *, where: str | None = None,
+                    x_shape: tuple | None = None, debug: bool | str = False) -> None:
+        """The checks a block called alone, or a stack once at its entry (``where``: its class name), runs on
+        its inputs: shapes, dtypes and masks, O(1); with ``debug`` (``debug_mode()``) also that ``x`` and
+        ``memory`` are finite (one reduction each). ``x_shape``: the unpacked shape of a packed ``x``."""
+        where = where or type(self).__name__
+        check_inputs(x, padding_mask, self.d_model)
+        weight = self.reference_weight()
+        check_dtype(x, weight, "x", where)
+        if memory is not None:
+            check_memory(memory, memory_padding_mask, tuple(x.shape) if x_shape is None else x_shape, self.d_model)
+            check_dtype(memory, weight, "memory", where)
+        if debug:
+            check_finite(x, f"x (the input of this {where})")
+            if memory is not None:
+                check_finite(memory, f"memory (the encoder output this {where} attends to)")
+
+    def _enter(self, x, padding_mask: Tensor | None, memory: Tensor | None = None,
+               memory_padding_mask: Tensor | None = None, packing: Packing | None = None, checked: bool = False):
+        """``(stream, standalone)``: a tensor starts the placements' stream here, a stream object continues.
+        ``checked``: a stack validated the inputs at its entry, so nothing is checked again per layer."""
+        if not checked:
+            hidden = stream_tensor(x)
+            x_shape = None if packing is None else (packing.batch, packing.seq, self.d_model)
+            self.check_input(hidden, padding_mask, memory, memory_padding_mask, x_shape=x_shape, debug=debug_mode())
         standalone = isinstance(x, Tensor)
         return (self.begin(x) if standalone else x), standalone
 
-    def _exit(self, stream, standalone: bool, padding_mask: Tensor | None):
-        return self.end(stream, None, padding_mask) if standalone else stream
+    def _exit(self, stream, standalone: bool, padding_mask: Tensor | None, checked: bool = False):
+        out = self.end(stream, None, padding_mask) if standalone else stream
+        if not checked and debug_mode() == "blocks":
+            check_finite(stream_tensor(out), f"the output of this {type(self).__name__}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -234,13 +425,14 @@ class EncoderBlock(TransformerBlock):
         self.spec = EncoderBlockSpec(cfg, layer, rope) if not any(v is not None for v in given.values()) else None
 
 
-    def forward(self, x, *, padding_mask: Tensor | None = None, packing: Packing | None = None, **unexpected):
+    def forward(self, x, *, padding_mask: Tensor | None = None, packing: Packing | None = None,
+                _checked: bool = False, **unexpected):
         reject_arguments(unexpected, "EncoderBlock.forward", ("x", "padding_mask", "packing"))
-        stream, standalone = self._enter(x, padding_mask)
+        stream, standalone = self._enter(x, padding_mask, packing=packing, checked=_checked)
         attn = partial(self.attn, padding_mask=padding_mask) if packing is None else partial(self.attn, packing=packing)
         stream = self.attn_residual(stream, attn, padding_mask)
         stream = self.ffn_residual(stream, self.ffn, padding_mask)
-        return self._exit(stream, standalone, padding_mask)
+        return self._exit(stream, standalone, padding_mask, _checked)
 
 
 @dataclass(frozen=True)
@@ -314,27 +506,25 @@ class DecoderBlock(TransformerBlock):
         memory_padding_mask: Tensor | None = None,
         cache: LayerKV | None = None,
         packing: Packing | None = None,
+        _checked: bool = False,
         **unexpected,
     ):
         reject_arguments(unexpected, "DecoderBlock.forward",
                          ("x", "padding_mask", "memory", "memory_padding_mask", "cache", "packing"))
-        stream, standalone = self._enter(x, padding_mask)
+        if self.has_cross_attention:
+            if memory is None:
+                raise ValueError("this DecoderBlock has cross-attention and needs `memory`, got None")
+        elif memory is not None:
+            raise ValueError("this DecoderBlock was built with cross_attention=False; it takes no `memory`")
+        stream, standalone = self._enter(x, padding_mask, memory, memory_padding_mask, packing, _checked)
         self_attn = partial(self.attn, padding_mask=padding_mask) if packing is None else partial(self.attn, packing=packing)
         if cache is not None:
             self_attn = partial(self_attn, cache=cache)
         stream = self.attn_residual(stream, self_attn, padding_mask)
         if self.has_cross_attention:
-            if memory is None:
-                raise ValueError("this DecoderBlock has cross-attention and needs `memory`, got None")
-            check_inputs(memory, memory_padding_mask, self.d_model, what="memory")
-            batch = stream_tensor(stream).shape[0] if packing is None else packing.batch
-            if memory.shape[0] != batch:
-                raise ValueError(f"memory has batch size {memory.shape[0]} but x has {batch}")
             cross = partial(self.cross_attn, memory=memory, memory_padding_mask=memory_padding_mask)
             if packing is not None:
                 cross = partial(cross, packing=packing)
             stream = self.cross_attn_residual(stream, cross, padding_mask)
-        elif memory is not None:
-            raise ValueError("this DecoderBlock was built with cross_attention=False; it takes no `memory`")
         stream = self.ffn_residual(stream, self.ffn, padding_mask)
-        return self._exit(stream, standalone, padding_mask)
+        return self._exit(stream, standalone, padding_mask, _checked)

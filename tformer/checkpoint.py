@@ -10,9 +10,11 @@ file and the problem. Writes are atomic: a temporary file in the same directory,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Callable
@@ -50,14 +52,23 @@ SPECS = {"LanguageModel": LanguageModelSpec, "EncoderModel": EncoderModelSpec, "
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, rename it over ``path``.
 
-    An interruption at any point leaves either the old file or the new one under ``path``.
+    An interruption at any point leaves either the old file or the new one under ``path``. A failure to
+    write (disk full, read-only directory, ...) raises ``OSError`` with its errno and ``path`` as filename,
+    also where safetensors reports it as a ``SafetensorError``; the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except SafetensorError as error:  # safetensors reports its own I/O errors as "... (os error N)"
+            code = re.search(r"os error (\d+)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from error
+        os.chmod(tmp, _new_file_mode())  # as open() would create it, not mkstemp's owner-only 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -70,6 +81,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     finally:
         os.close(directory)
     return path
+
+
+@functools.cache
+def _new_file_mode() -> int:
+    """0o666 less the process's umask (read once: setting and restoring it is the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> Path:
@@ -263,13 +282,54 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return {"format_version": version, "tformer_version": metadata.get("tformer_version"), **parsed}
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+def _check_dtype_kinds(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """``CheckpointError`` for a floating tensor where the model holds an integer one, or the reverse."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, the model holds "
+                                  f"{expected[name].dtype} there")
+
+
+def _floating_dtype(path: Path, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The one dtype of a checkpoint's floating tensors; ``CheckpointError`` naming the first tensor of another
+    dtype than the most common one (by elements) if they differ."""
+    elements: dict[torch.dtype, int] = {}
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+    if not elements:
+        return torch.get_default_dtype()
+    common = max(elements, key=elements.get)
+    if len(elements) > 1:
+        name, tensor = next((n, t) for n, t in tensors.items() if t.is_floating_point() and t.dtype != common)
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {tensor.dtype} but the checkpoint's other floating tensors are {common} "
+            f"(mixed dtypes: {', '.join(str(d) for d in elements)}); a model saved in one dtype holds no such "
+            f"stray tensor, and nothing is cast silently: pass dtype={common} (or another floating dtype) to "
+            f"tformer.load to cast every tensor to it"
+        )
+    return common
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the model saved at ``path`` and load its weights; returned in eval mode.
 
     Raises ``CheckpointError`` if the file is missing, empty, truncated, not safetensors, has
     no or unknown tformer metadata, or holds tensors that do not match its config (the message
     names the tensor).
+
+    Dtypes: nothing is cast unless asked for. With ``dtype=None`` the model comes back in the dtype its
+    floating tensors have in the file (a model saved in bfloat16 loads as a bfloat16 model; integer
+    buffers such as PowerNorm's step counter keep theirs). A checkpoint whose floating tensors do not
+    share one dtype (a stray float16 tensor among float32 ones, which no model saved in one dtype holds)
+    raises ``CheckpointError`` naming the first such tensor and both dtypes. ``dtype=torch.float32`` (any
+    floating dtype) is the explicit cast: every floating tensor is converted to it, mixed or not, e.g. to
+    fine-tune a bfloat16 checkpoint in float32. A floating tensor where the model holds an integer one (or
+    the reverse) is a ``CheckpointError`` either way.
     """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r} must be None (the checkpoint's own dtype) or a floating torch.dtype such "
+                        f"as torch.float32 or torch.bfloat16")
     path = Path(path)
     meta = read_metadata(path)
     try:
@@ -296,5 +356,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}"
             )
+    _check_dtype_kinds(path, tensors, expected)
+    if dtype is None:
+        dtype = _floating_dtype(path, tensors)
+    else:
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    model.to(dtype)  # floating parameters and buffers only: integer counters keep their dtype
     model.load_state_dict(tensors)
     return model.to(device).eval()

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .blocks import debug_mode
 from .config import BlockConfig, check_positive_int
 from .init import INIT_SCHEMES
 from .registry import Registry
@@ -68,6 +69,37 @@ class RotaryPositions(nn.Module):
         return None
 
 
+#: the dtypes ``nn.Embedding`` takes as ids
+ID_DTYPES = (torch.long, torch.int32)
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "tokens", *, size_name: str = "vocab_size") -> None:
+    """Raise a clear error unless ``tokens`` is a ``(batch, seq)`` integer tensor of ids in ``[0, vocab_size)``.
+
+    The type and shape checks are O(1). The range check is one ``aminmax`` reduction over the ids (cheap
+    next to the embedding lookup) and runs on the CPU, where an id out of range would otherwise end in a raw
+    ``IndexError``. On other devices it would cost a host synchronization per forward, so it runs there
+    only with ``tformer.set_debug_checks(True)`` (CUDA's embedding kernel stops on a device-side assert
+    instead); it is skipped for empty inputs and while ``torch.compile`` or ``torch.jit`` traces.
+    """
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{what} must be a (batch, seq) tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in ID_DTYPES:
+        raise TypeError(f"{what} must be integer token ids (torch.long or torch.int32), got dtype {tokens.dtype}: "
+                        f"call {what}.long()")
+    if tokens.dim() != 2:
+        raise ValueError(f"{what} must be (batch, seq) token ids, got shape {tuple(tokens.shape)}")
+    if tokens.numel() == 0 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    if tokens.device.type != "cpu" and not debug_mode():
+        return
+    low, high = tokens.aminmax()
+    low, high = int(low), int(high)
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{what} holds ids from {low} to {high}, outside [0, {size_name}={vocab_size}) of this "
+                         f"model's embedding")
+
+
 def is_rotary(positions: str) -> bool:
     """Whether the position encoding ``positions`` works inside attention rather than on the embeddings."""
     return bool(getattr(POSITIONS.get_or_raise(positions), "rotary", False))
@@ -100,10 +132,17 @@ class Embedding(nn.Module):
         self.norm = cfg.norm_factory()() if norm else None
         self.dropout = nn.Dropout(cfg.dropout)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.tokens.num_embeddings
+
     def forward(self, tokens: Tensor, offset: int = 0, *, token_type_ids: Tensor | None = None,
-                padding_mask: Tensor | None = None) -> Tensor:
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, seq) token ids, got shape {tuple(tokens.shape)}")
+                padding_mask: Tensor | None = None, what: str | None = "tokens") -> Tensor:
+        """``tokens`` (batch, seq) ids -> ``(batch, seq, d_model)``; ``what`` names ``tokens`` in errors (see
+        ``check_token_ids`` for which checks run where), or is None for ids the caller checked (``generate``'s
+        steps: its prompt checked once, then ids it sampled itself)."""
+        if what is not None:
+            check_token_ids(tokens, self.tokens.num_embeddings, what)
         seq_len = tokens.shape[1]
         if offset + seq_len > self.max_seq_len:
             raise ValueError(f"sequence of length {offset + seq_len} exceeds max_seq_len={self.max_seq_len}"
@@ -113,7 +152,15 @@ class Embedding(nn.Module):
         if positions is not None:
             x = x + positions
         if self.token_types is not None:
-            types = torch.zeros_like(tokens) if token_type_ids is None else token_type_ids
+            if token_type_ids is None:
+                types = torch.zeros_like(tokens)
+            else:
+                check_token_ids(token_type_ids, self.token_types.num_embeddings, "token_type_ids",
+                                size_name="n_token_types")
+                if token_type_ids.shape != tokens.shape:
+                    raise ValueError(f"token_type_ids must have the shape of {what} {tuple(tokens.shape)}, got "
+                                     f"{tuple(token_type_ids.shape)}")
+                types = token_type_ids
             x = x + self.token_types(types)
         elif token_type_ids is not None:
             raise ValueError("token_type_ids given, but this model has no token-type embedding (n_token_types=0)")

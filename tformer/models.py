@@ -3,6 +3,8 @@ seq2seq ``EncoderDecoder``."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,7 +14,7 @@ from torch import Tensor, nn
 from .attention import KVCache
 from .backends import soft_cap
 from .config import BlockConfig, check_positive_int
-from .embeddings import Embedding, is_rotary
+from .embeddings import Embedding, check_token_ids, is_rotary
 from .errors import ConfigError
 from .init import INIT_SCHEMES
 from .spec import BuiltFromSpec, Spec
@@ -32,7 +34,7 @@ class LanguageModelSpec(Spec):
 
 
 class LanguageModel(BuiltFromSpec, nn.Module):
-    """Decoder-only language model: embedding, ``n_layers`` causal ``DecoderBlock``s, LM head.
+    """Decoder-only language model: embedding, ``n_layers`` causal ``DecoderBlock`` layers, LM head.
 
     ``forward(tokens, padding_mask=None) -> logits``: tokens ``(batch, seq)`` long, logits
     ``(batch, seq, vocab_size)``; position ``i`` never sees tokens after ``i``.
@@ -72,7 +74,12 @@ class LanguageModel(BuiltFromSpec, nn.Module):
 
     def forward(self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """``tokens`` (batch, seq) -> logits (batch, seq, vocab). With a ``cache`` (from
-        ``new_cache``) the tokens continue the cached positions and their keys/values are added."""
+        ``new_cache``) the tokens continue the cached positions and their keys/values are added.
+
+        ``tokens`` must be long or int32 ids in ``[0, vocab_size)``: another dtype is a ``TypeError``, an id out
+        of range a ``ValueError`` naming the smallest and largest id (checked by one ``aminmax`` on the CPU; on
+        CUDA only with ``tformer.set_debug_checks(True)``, to spare a host synchronization per forward; see
+        ``tformer.embeddings.check_token_ids``). An empty batch or sequence gives empty logits."""
         offset = 0 if cache is None else cache.length
         x = self.decoder(self.embedding(tokens, offset), padding_mask=padding_mask, cache=cache)
         return soft_cap(self.head(x), self.logit_softcap)
@@ -84,9 +91,9 @@ class LanguageModel(BuiltFromSpec, nn.Module):
 
     def _last_logits(self, tokens: Tensor, cache: KVCache | None) -> Tensor:
         """The logits ``(batch, vocab)`` after the last of ``tokens``: ``self(tokens, cache=cache)[:, -1]`` with
-        the head applied to the last position only."""
+        the head applied to the last position only; ``generate`` checked the ids (prompt and pad id) already."""
         offset = 0 if cache is None else cache.length
-        x = self.decoder(self.embedding(tokens, offset), cache=cache)
+        x = self.decoder(self.embedding(tokens, offset, what=None), cache=cache)
         return soft_cap(self.head(x[:, -1]), self.logit_softcap)
 
     @torch.no_grad()
@@ -113,11 +120,17 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         at its first end-of-sequence token: its later positions hold ``pad_token_id`` (default
         ``self.pad_token_id``, else the first eos id), and generation stops early once every row has
         ended, so the result can be shorter: Hugging Face ``generate``'s semantics.
+
+        ``prompt`` is checked as ``forward``'s tokens (and must hold at least one position); ``pad_token_id``,
+        fed back in for ended rows, must be an id of the vocabulary.
         """
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
+        check_token_ids(prompt, self.embedding.vocab_size, "prompt")
+        if prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (batch, seq) token ids with seq >= 1, got shape {tuple(prompt.shape)}")
-        if max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or math.isnan(temperature):
+            raise ValueError(f"temperature={temperature!r} must be a number >= 0")
         batch, length = prompt.shape
         total = length + max_new_tokens
         if total > self.embedding.max_seq_len:
@@ -131,6 +144,9 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=prompt.device)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         pad = pad if pad is not None or eos is None else int(eos[0])
+        if eos is not None and not (isinstance(pad, numbers.Integral) and 0 <= pad < self.embedding.vocab_size):
+            raise ValueError(f"pad_token_id={pad!r} (what an ended row is filled with, and fed back in) must be an "
+                             f"id in [0, vocab_size={self.embedding.vocab_size})")
         was_training = self.training
         self.eval()
         tokens = prompt.new_empty(batch, total)  # filled in place: no concatenation per step
@@ -172,7 +188,7 @@ class EncoderModelSpec(Spec):
 
 
 class EncoderModel(BuiltFromSpec, nn.Module):
-    """Encoder-only model (BERT-shaped): embeddings, ``n_layers`` ``EncoderBlock``s, no head.
+    """Encoder-only model (BERT-shaped): embeddings, ``n_layers`` ``EncoderBlock`` layers, no head.
 
     ``forward(tokens, padding_mask=None, token_type_ids=None) -> hidden`` with tokens ``(batch, seq)``
     and the last hidden state ``(batch, seq, d_model)``. ``n_token_types`` adds a segment embedding
@@ -271,7 +287,7 @@ class EncoderDecoder(BuiltFromSpec, nn.Module):
 
     def encode(self, src_tokens: Tensor, *, src_padding_mask: Tensor | None = None) -> Tensor:
         """``(batch, src_seq)`` -> memory ``(batch, src_seq, d_model)``."""
-        return self.encoder(self.src_embedding(src_tokens), padding_mask=src_padding_mask)
+        return self.encoder(self.src_embedding(src_tokens, what="src_tokens"), padding_mask=src_padding_mask)
 
     def decode(
         self,
@@ -283,7 +299,7 @@ class EncoderDecoder(BuiltFromSpec, nn.Module):
     ) -> Tensor:
         """Target tokens and encoder memory -> logits ``(batch, tgt_seq, vocab_size)``."""
         x = self.decoder(
-            self.tgt_embedding(tgt_tokens),
+            self.tgt_embedding(tgt_tokens, what="tgt_tokens"),
             padding_mask=tgt_padding_mask,
             memory=memory,
             memory_padding_mask=src_padding_mask,
@@ -298,6 +314,12 @@ class EncoderDecoder(BuiltFromSpec, nn.Module):
         src_padding_mask: Tensor | None = None,
         tgt_padding_mask: Tensor | None = None,
     ) -> Tensor:
+        for name, tokens in (("src_tokens", src_tokens), ("tgt_tokens", tgt_tokens)):
+            if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+                check_token_ids(tokens, self.src_embedding.vocab_size, name)  # raises the type or shape error
+        if src_tokens.shape[0] != tgt_tokens.shape[0]:
+            raise ValueError(f"src_tokens and tgt_tokens must have the same batch size, got src_tokens of shape "
+                             f"{tuple(src_tokens.shape)} and tgt_tokens of shape {tuple(tgt_tokens.shape)}")
         memory = self.encode(src_tokens, src_padding_mask=src_padding_mask)
         return self.decode(tgt_tokens, memory, src_padding_mask=src_padding_mask, tgt_padding_mask=tgt_padding_mask)
 

@@ -112,6 +112,11 @@ class ScaleNorm(NormTraits, nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         if fused_norms.takes_kernel(x, self.scale):  # CPU float32/float64: one C pass each way
             return fused_norms.scale_norm(x, self.scale, self.eps)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # in half precision scale / eps overflows (sqrt(d) / 1e-5 > 65504: 0 * inf = NaN for a zero token):
+            # the factor and the product in float32, the result cast back
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(self.eps)
+            return (x.float() * (self.scale.float() / norm)).to(x.dtype)
         return x * (self.scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(self.eps))
 
     def extra_repr(self) -> str:

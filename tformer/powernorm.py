@@ -44,6 +44,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from . import fused_norms
+from .errors import ConfigError
 from .norms import NORMS, NormTraits
 
 
@@ -57,8 +58,8 @@ def group_scale(x: Tensor, group_num: int, eps: float = 1e-5) -> Tensor:
 def masked_channel_mean(values: Tensor, keep: Tensor | None) -> Tensor:
     """Mean over every dim but the last, of the tokens where ``keep`` (shape ``values.shape[:-1] + (1,)``) is 1."""
     dims = tuple(range(values.dim() - 1))
-    if keep is None:
-        return values.mean(dims)
+    if keep is None:  # an empty batch gives 0 (its count clamped to 1), not a NaN mean
+        return values.sum(dims) / max(values.numel() // max(values.shape[-1], 1), 1)
     return (values * keep).sum(dims) / keep.sum().clamp_min(1.0)
 
 
@@ -112,7 +113,9 @@ class PowerNorm(NormTraits, nn.Module):
 
     @classmethod
     def block_defaults(cls, d_model: int, n_heads: int) -> dict:
-        return {"group_num": n_heads}
+        # one group per head where the heads split d_model evenly; with a head_dim that does not (e.g.
+        # d_model=6, n_heads=4, head_dim=2) the groups cannot follow the heads: one group, the standalone default
+        return {"group_num": n_heads if d_model % n_heads == 0 else 1}
 
     def __init__(
         self,
@@ -126,8 +129,10 @@ class PowerNorm(NormTraits, nn.Module):
         group_eps: float = 1e-5,
     ):
         super().__init__()
-        if group_num < 0 or (group_num and d_model % group_num):
-            raise ValueError(f"group_num={group_num} must be 0 (off) or divide d_model={d_model}")
+        if isinstance(group_num, bool) or not isinstance(group_num, int) or group_num < 0 or (
+                group_num and d_model % group_num):
+            raise ConfigError(f"group_num={group_num!r} (a PowerNorm option, norm_options) must be 0 (off) or an int "
+                              f"that divides d_model={d_model}")
         self.eps, self.alpha_fwd, self.alpha_bwd = eps, alpha_fwd, alpha_bwd
         self.warmup_iters, self.group_num, self.group_eps = warmup_iters, group_num, group_eps
         self.weight = nn.Parameter(torch.ones(d_model))
@@ -153,7 +158,9 @@ class PowerNorm(NormTraits, nn.Module):
         keep = None if padding_mask is None else (~padding_mask).unsqueeze(-1).to(stat_dtype)
         with torch.no_grad():
             batch_psi2 = masked_channel_mean(x.detach().to(stat_dtype).square(), keep).to(self.running_psi2.dtype)
-            psi2, new_running = self._running_update(batch_psi2)
+            # a batch without a real token (empty, or all padding) leaves the statistics and the count alone
+            real = x.numel() > 0 if keep is None else keep.sum() > 0
+            psi2, new_running = self._running_update(batch_psi2, real)
         y = PowerNormFunction.apply(
             x, self.weight, self.bias, psi2, batch_psi2, self.nu, keep, self.alpha_bwd, self.eps
         )
@@ -161,14 +168,24 @@ class PowerNorm(NormTraits, nn.Module):
             self.running_psi2.copy_(new_running)
         return y
 
-    def _running_update(self, batch_psi2: Tensor) -> tuple[Tensor, Tensor]:
-        """``(psi2 for the forward, the new running_psi2)``; counts the iteration."""
-        self.iters += 1
+    def _running_update(self, batch_psi2: Tensor, real: bool | Tensor = True) -> tuple[Tensor, Tensor]:
+        """``(psi2 for the forward, the new running_psi2)``; counts the iteration. ``real``: whether the batch
+        has a real token (a bool, or a bool tensor under ``torch.compile``); without one nothing changes and
+        the forward normalizes by the running statistic."""
+        if real is False:
+            return self.running_psi2, self.running_psi2
+        if real is not True:
+            self.iters += real.to(self.iters.dtype)
+        else:
+            self.iters += 1
         in_warmup = self.iters <= self.warmup_iters
         psi2 = torch.where(in_warmup, batch_psi2, self.running_psi2)
-        cumulative = self.running_psi2 + (batch_psi2 - self.running_psi2) / self.iters
+        cumulative = self.running_psi2 + (batch_psi2 - self.running_psi2) / self.iters.clamp_min(1)
         ema = self.alpha_fwd * self.running_psi2 + (1.0 - self.alpha_fwd) * batch_psi2
-        return psi2, torch.where(in_warmup, cumulative, ema)
+        new_running = torch.where(in_warmup, cumulative, ema)
+        if real is not True:
+            psi2, new_running = torch.where(real, psi2, self.running_psi2), torch.where(real, new_running, self.running_psi2)
+        return psi2, new_running
 
     def _kernel_forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
         """Training by the C kernels: the statistics and buffers of the composite route, the running

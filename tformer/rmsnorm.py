@@ -127,6 +127,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
       a PyTorch custom op, so ``torch.compile(fullgraph=True)`` keeps it in the graph.
     - other CPU dtypes (bf16, fp16; statistics in fp32), or no C compiler: ``RMSNormFunction``.
     - CUDA and other devices: ``F.rms_norm`` (fused there).
+
     The output has ``x``'s dtype. On the CPU it is differentiable once (a second derivative raises).
     """
     if x.device.type != "cpu":

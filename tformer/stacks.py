@@ -17,7 +17,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import KVCache
-from .blocks import DecoderBlock, EncoderBlock, TransformerBlock, check_inputs, reject_arguments
+from .blocks import (DecoderBlock, EncoderBlock, TransformerBlock, check_finite, check_inputs, debug_mode,
+                     reject_arguments)
 from .config import BlockConfig, check_positive_int
 from .errors import ConfigError
 from .packing import Packing
@@ -92,11 +93,17 @@ class _Stack(BuiltFromSpec, nn.Module):
         return Packing(padding_mask)
 
     def _run(self, x: Tensor, padding_mask: Tensor | None, **block_kwargs) -> Tensor:
+        # validated once here (shapes, dtypes, masks; with debug checks, finiteness), not again per layer
+        debug = debug_mode()
+        name = type(self).__name__
+        self.layers[0].check_input(x, padding_mask, block_kwargs.get("memory"), block_kwargs.get("memory_padding_mask"),
+                                   where=name, debug=debug)
         packing = self.packing_for(x, padding_mask, block_kwargs.get("cache"))
         if packing is not None:
             x, padding_mask, block_kwargs["packing"] = packing.pack(x), None, packing
         stream = self.layers[0].begin(x)
         cache = block_kwargs.pop("cache", None)
+        block_kwargs["_checked"] = True
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             if cache is not None:
@@ -106,7 +113,12 @@ class _Stack(BuiltFromSpec, nn.Module):
                                                            **block_kwargs)
             else:
                 stream = block(stream, padding_mask=padding_mask, **block_kwargs)
+            if debug == "blocks":
+                check_finite(getattr(stream, "hidden", stream), f"the output of layer {i} of this {name} "
+                             f"({type(block).__name__}, placement {block.ffn_residual.name or type(block.ffn_residual).__name__})")
         out = self.layers[-1].end(stream, self.final_norm, padding_mask)
+        if debug == "blocks":
+            check_finite(out, f"the output of this {name} (after its final norm)")
         return out if packing is None else packing.unpack(out)
 
 
@@ -121,7 +133,7 @@ class EncoderSpec(Spec):
 
 
 class Encoder(_Stack):
-    """``n_layers`` ``EncoderBlock``s, closed by a final norm when the last placement needs it.
+    """``n_layers`` ``EncoderBlock`` layers, closed by a final norm when the last placement needs it.
 
     ``placements`` gives one placement per layer (otherwise every layer uses ``cfg.placement``).
     ``n_decoder_layers`` is the depth of the decoder this encoder feeds in an encoder-decoder
@@ -166,7 +178,7 @@ class DecoderSpec(Spec):
 
 
 class Decoder(_Stack):
-    """``n_layers`` ``DecoderBlock``s (causal self-attention unless ``causal=False``, optional cross-attention).
+    """``n_layers`` ``DecoderBlock`` layers (causal self-attention unless ``causal=False``, optional cross-attention).
 
     ``n_encoder_layers`` is the depth of the encoder in an encoder-decoder model, 0 for a
     decoder-only model (DeepNorm's constants depend on it). ``final_norm`` as for ``Encoder``.
