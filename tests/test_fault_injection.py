@@ -235,12 +235,12 @@ def _kill_again_and_again(tmp_path: Path, budget: float, steps: int, min_kills: 
 
 
 def test_sigkill_at_random_points_then_the_same_command_ends_bitwise_as_an_uninterrupted_run(tmp_path):
-    _kill_again_and_again(tmp_path, budget=15.0, steps=150, min_kills=5)
+    _kill_again_and_again(tmp_path, budget=10.0, steps=150, min_kills=4)
 
 
 @pytest.mark.slow
 def test_sigkill_many_times(tmp_path):
-    _kill_again_and_again(tmp_path, budget=120.0, steps=600, min_kills=60)
+    _kill_again_and_again(tmp_path, budget=45.0, steps=300, min_kills=20)
 
 
 # --- a crash before each file operation of a save, deterministically -------------------------------------

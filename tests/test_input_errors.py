@@ -316,3 +316,16 @@ def test_xformers_where_it_cannot_run_is_a_config_error_and_a_runtime_error():
     with pytest.raises(ConfigError, match=r"attention='xformers' cannot run: .*Use attention='auto' or 'sdpa'") as error:
         block(torch.randn(1, 2, D))
     assert isinstance(error.value, RuntimeError)  # what it was before, for existing handlers
+
+
+def test_rmsnorm_maps_a_zero_token_to_zero_in_float16_with_a_tiny_eps():
+    # found by tests/test_properties.py (slow profile): 1 / sqrt(1e-12) = 1e6 passes fp16's largest value,
+    # and 0 * inf made the zero token NaN; the scale is applied in float32 before the cast
+    norm = tformer.make_norm("rmsnorm", 4, eps=1e-12).half()
+    x = torch.zeros(2, 3, 4, dtype=torch.float16)
+    x[0, 0] = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    y = norm(x)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[1], torch.zeros(3, 4, dtype=torch.float16))
+    expected = (x[0, 0].double() / x[0, 0].double().pow(2).mean().sqrt())
+    torch.testing.assert_close(y[0, 0].double(), expected, rtol=2e-3, atol=2e-3)

@@ -32,7 +32,7 @@ from tformer.training.engine import PRECISIONS
 
 settings.register_profile("recipe-default", max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("recipe-slow", max_examples=400, deadline=None,
+settings.register_profile("recipe-slow", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 
 BASE = {

@@ -43,7 +43,9 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=stat_dtype)
         rstd = rstd.pow_(2).div_(d).add_(eps).rsqrt_()  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return torch.mul(x, rstd.to(x.dtype)).mul_(weight.to(x.dtype))
+        # fp16: 1 / sqrt(eps) of a zero row can pass fp16's largest value (65504), so scale in fp32 first
+        scale = rstd if x.dtype == torch.float16 else rstd.to(x.dtype)
+        return torch.mul(x, scale).to(x.dtype).mul_(weight.to(x.dtype))
 
     @staticmethod
     @once_differentiable  # a second derivative would miss rstd's dependence on x: refuse it
