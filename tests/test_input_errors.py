@@ -329,3 +329,16 @@ def test_rmsnorm_maps_a_zero_token_to_zero_in_float16_with_a_tiny_eps():
     assert torch.equal(y[1], torch.zeros(3, 4, dtype=torch.float16))
     expected = (x[0, 0].double() / x[0, 0].double().pow(2).mean().sqrt())
     torch.testing.assert_close(y[0, 0].double(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_generate_with_an_eos_id_outside_the_vocabulary_needs_no_pad_id():
+    # a converted HF config can carry eos 50256 on a small test vocabulary: no row can end, so no pad is fed back
+    torch.manual_seed(0)
+    lm = tformer.LanguageModel(tformer.BlockConfig(d_model=16, n_heads=2, d_ff=32), vocab_size=60, n_layers=1,
+                               max_seq_len=32)
+    lm.eos_token_id = 50256
+    out = lm.generate(torch.randint(0, 60, (2, 3)), 4, temperature=0)
+    assert out.shape == (2, 7) and int(out.max()) < 60
+    lm.eos_token_id = 5
+    with pytest.raises(ValueError, match="pad_token_id"):
+        lm.generate(torch.randint(0, 60, (2, 3)), 4, temperature=0, pad_token_id=60)

@@ -141,10 +141,14 @@ class LanguageModel(BuiltFromSpec, nn.Module):
         if temperature != 0 and top_k is not None:
             check_positive_int("top_k", top_k)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=prompt.device)
+        eos = None if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         pad = pad if pad is not None or eos is None else int(eos[0])
-        if eos is not None and not (isinstance(pad, numbers.Integral) and 0 <= pad < self.embedding.vocab_size):
+        vocab = self.embedding.vocab_size
+        # the pad id is fed back only after a row ends, which needs an eos id the head can produce
+        reachable = eos is not None and any(0 <= int(e) < vocab for e in eos)
+        eos = None if eos is None else torch.tensor(eos, device=prompt.device)
+        if reachable and not (isinstance(pad, numbers.Integral) and 0 <= pad < vocab):
             raise ValueError(f"pad_token_id={pad!r} (what an ended row is filled with, and fed back in) must be an "
                              f"id in [0, vocab_size={self.embedding.vocab_size})")
         was_training = self.training
