@@ -21,13 +21,14 @@ import json
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 
 import tformer
 import tformer.convert
 from tformer import kernels
+
+import timing
 
 
 def build(d_model: int, n_layers: int, seq: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -45,22 +46,10 @@ def build(d_model: int, n_layers: int, seq: int) -> tuple[torch.nn.Module, torch
 
 
 def interleaved(candidates: dict, repeats: int) -> tuple[dict[str, float], float]:
-    """Median seconds per candidate and the median per-round ratio second / first."""
-    names = list(candidates)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    ratios = []
-    for repeat in range(repeats + 1):
-        order = names if repeat % 2 else names[::-1]
-        round_times = {}
-        for name in order:
-            start = time.perf_counter()
-            candidates[name]()
-            round_times[name] = time.perf_counter() - start
-        if repeat:  # round 0 warms up the allocator, the kernels and the caches
-            for name in names:
-                times[name].append(round_times[name])
-            ratios.append(round_times[names[1]] / round_times[names[0]])
-    return {name: statistics.median(t) for name, t in times.items()}, statistics.median(ratios)
+    """Median seconds per candidate and the median per-round ratio second / first (``timing.rounds``)."""
+    first, second = candidates
+    times = timing.rounds(candidates, repeats)
+    return {name: statistics.median(t) for name, t in times.items()}, timing.ratio(times, second, first)
 
 
 def main() -> None:
