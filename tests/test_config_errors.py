@@ -253,6 +253,24 @@ def test_resume_with_fewer_steps_than_done_says_nothing_is_left(tmp_path, capsys
     assert "the checkpoint is at step 4 already: nothing is left to train" in capsys.readouterr().err
 
 
+def test_resume_false_removes_the_previous_runs_checkpoints_before_its_first_step(tmp_path, capsys):
+    # the old run's latest.json left in place would let a later resume=true pick up the old run after the new
+    # one was killed before its first checkpoint, and rotation (by step name) would keep the old run's higher steps
+    train(_config(tmp_path, "train.steps=6", "log.checkpoint_every=2", "log.keep_checkpoints=3"))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_0000002", "step_0000004", "step_0000006"]
+    capsys.readouterr()
+    train(_config(tmp_path, "train.steps=4", "log.checkpoint_every=3", "resume=false"), stop_at=1)  # killed at step 1
+    err = capsys.readouterr().err
+    assert f"starting over in {run} (resume=false): the previous run's checkpoints (the newest at step 6)" in err
+    assert not (run / "latest.json").exists() and not (run / "model.safetensors").exists()
+    assert not list(run.glob("step_*")) and not list(run.glob(".*.tmp"))
+    result = train(_config(tmp_path, "train.steps=4", "log.checkpoint_every=1", "log.keep_checkpoints=2"))
+    assert result.steps == 4 and "starting over" not in capsys.readouterr().err  # nothing left to remove
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_0000003", "step_0000004"]
+    assert [r["step"] for r in _metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_only_the_main_process_reports(tmp_path, capsys, monkeypatch):
     class OtherRank(Dist):
         @classmethod

@@ -39,7 +39,7 @@ from .optimization import build_optimizer, build_scheduler
 from .schema import check_recipe
 from .run_logs import MetricsLog, Throughput, measured_peak_flops, monitoring, progress_bar
 from .tasks import TASKS
-from .train_state import resume, save_training_state, writable_run_dir
+from .train_state import resume, save_training_state, start_over, writable_run_dir
 
 
 @dataclass
@@ -118,6 +118,8 @@ def _run(config: dict, world: Dist, device: torch.device, show_progress: bool, s
     start = resume(config, run_dir, model, optimizer, scheduler, engine)
     if world.is_main:
         writable_run_dir(run_dir)  # a directory that cannot be written stops the run now, not at its first save
+        if not start:
+            start_over(run_dir)
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(dump_config(config)))
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, start if start else None)
     run = _Run(config, world, task, model, trained, optimizer, scheduler, metrics, RunResult(run_dir, start), engine)

@@ -172,6 +172,24 @@ def _discard(directory: Path, run_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def start_over(run_dir: Path) -> None:
+    """Before the first step of a run that starts at step 0: remove what a previous run left in ``run_dir``
+    (``latest.json`` first, then ``model.safetensors`` and its ``step_*`` checkpoints), so a later resume cannot
+    pick up the old run's state and checkpoint rotation does not keep the old run's higher steps. Says so on
+    stderr when there was a previous run (``resume=false`` in a run directory that has a checkpoint)."""
+    newest = _newest_checkpoint(run_dir)
+    old = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+    if newest is None and not old:
+        return
+    if newest is not None:
+        print(f"starting over in {run_dir} (resume=false): the previous run's checkpoints (the newest at step "
+              f"{newest}) are removed", file=sys.stderr, flush=True)
+    (run_dir / "latest.json").unlink(missing_ok=True)  # first: no pointer to a checkpoint being removed
+    (run_dir / "model.safetensors").unlink(missing_ok=True)
+    for directory in old:
+        _discard(directory, run_dir)
+
+
 def _save_sharded(directory: Path, model: nn.Module, optimizer, world: Dist) -> None:
     """Every rank writes its shards to ``directory/dcp``; rank 0 also writes the gathered ``model.safetensors``."""
     import torch.distributed.checkpoint as dcp
