@@ -88,3 +88,25 @@ def test_every_attention_variant_compiles(variant, backend):
     block = tformer.DecoderBlock(cfg, cross_attention=False, rope=rope)
     pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
     compiled_matches_eager(block, torch.randn(2, 6, 16), padding_mask=pad)
+
+
+def test_kernels_availability_is_marked_constant_the_way_torch_marks_it():
+    # tformer marks it without importing torch._dynamo (2 s of every import); torch's decorator must set the same
+    from tformer import fused_norms, rmsnorm
+
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    for function in (rmsnorm._kernels_available, fused_norms._kernels_available):
+        assert {k: v for k, v in vars(function).items() if not k.startswith("__")} == vars(marked)
+
+
+def test_import_tformer_does_not_import_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, tformer; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+

@@ -16,7 +16,11 @@ from torch.autograd.function import once_differentiable
 
 from . import kernels
 
-_kernels_available = torch.compiler.assume_constant_result(kernels.available)
+
+@kernels.constant_for_compile
+def _kernels_available() -> bool:
+    """``kernels.available()``, a constant to ``torch.compile`` (it never traces into the build and ctypes)."""
+    return kernels.available()
 
 
 def takes_kernel(x: Tensor, *params: Tensor | None) -> bool:

@@ -79,6 +79,15 @@ def available() -> bool:
     return status().available
 
 
+def constant_for_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)`` (``torch.compile`` takes ``fn()``'s result as a constant
+    instead of tracing into it) without importing ``torch._dynamo``, which that function does and which costs
+    about 2 s of every ``import tformer`` on a CPU like this one. It sets the marker torch's own decorator
+    sets; tests/test_compile.py checks that the two agree, so a torch release that renames it fails there."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def status() -> KernelStatus:
     """The kernels' state; the first call builds or loads them. While another thread builds, this
     waits up to ``BUILD_WAIT_SECONDS``, then returns a not-available status for the time being."""
