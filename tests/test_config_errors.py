@@ -154,6 +154,21 @@ def test_print_config_prints_a_valid_config_and_writes_nothing(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_print_config_checks_that_the_run_directory_can_be_written(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["train", *TINY_LM, f"out_dir={blocker / 'runs'}", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert (f"out_dir='{blocker / 'runs'}', run='run': cannot create the run directory {blocker / 'runs' / 'run'}: "
+            f"{blocker} is not a directory") in err
+    # a read-only file system (simulated: as root, permission bits do not bind)
+    monkeypatch.setattr(train_state.os, "access", lambda path, mode: False)
+    assert main(["train", *TINY_LM, f"out_dir={tmp_path / 'out'}", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to the run directory {tmp_path / 'out' / 'run'}: {tmp_path} is not writable" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_print_config_refuses_to_resume_a_different_model(tmp_path, capsys):
     assert main(["train", *TINY_LM, f"out_dir={tmp_path}", "train.steps=2"]) == 0
     capsys.readouterr()

@@ -55,6 +55,15 @@ def test_study_command(tmp_path, capsys):
     assert "# Placement study" in out and "| pre | layernorm | 2 |" in out
 
 
+def test_study_errors_name_the_flags_that_set_the_keys(tmp_path, capsys):
+    code = main(["study", "--out", str(tmp_path), "--placements", "pre", "--norms", "layernorm", "--steps", "50",
+                 *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.steps=50 must be greater than train.warmup_steps=100" in err
+    assert "(tformer study: --steps (steps=) sets train.steps; --warmup (warmup_steps=) sets train.warmup_steps)" in err
+    assert not list(tmp_path.glob("runs/*"))  # nothing trained
+
+
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_every_registered_placement_runs_in_the_study(tmp_path, placement):
     rows, _ = run_study(tmp_path, placements=(placement,), norms=("rmsnorm",), warmup_steps=1, steps=2,

@@ -22,6 +22,7 @@ from .checkpoint import write_csv
 from .config import BlockConfig
 from .data import corpus_splits
 from .data import unigram_entropy as token_entropy
+from .errors import ConfigError
 from .recipe_config import load_config
 from .training.diagnosis import TrainingDiverged
 from .training.loop import train
@@ -55,6 +56,10 @@ def unigram_entropy(path: str = "python_docs", val_fraction: float = 0.1) -> flo
     return token_entropy(corpus_splits(path, val_fraction)[0])
 
 
+#: the recipe keys ``run_study``'s arguments set, and the ``tformer study`` flag / argument that sets each
+STUDY_KNOBS = {"train.steps": "--steps (steps=)", "train.warmup_steps": "--warmup (warmup_steps=)"}
+
+
 def run_study(
     out_dir: str | Path = "runs/study",
     *,
@@ -81,7 +86,13 @@ def run_study(
         ]))
         BlockConfig(**runs[name][3]["model"]["block"])  # a bad --placements/--norms name fails first, as itself
     for *_, config in runs.values():
-        check_recipe(config)  # then any bad value: now, not after an hour of runs
+        try:
+            check_recipe(config)  # then any bad value: now, not after an hour of runs
+        except ConfigError as error:  # name the study's own knobs where they set the keys the message names
+            knobs = [f"{knob} sets {key}" for key, knob in STUDY_KNOBS.items() if key in str(error)]
+            if knobs:
+                raise ConfigError(f"{error} (tformer study: {'; '.join(knobs)})") from None
+            raise
     entropy = unigram_entropy()
     rows, curves = [], {}
     bar = tqdm(runs.items(), desc="placement study", unit="run", disable=not progress, dynamic_ncols=True)

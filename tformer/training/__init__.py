@@ -32,7 +32,7 @@ One module per job:
 """
 
 from .diagnosis import TrainingDiverged
-from .loop import RunResult, train
+from .loop import RunResult, TrainingInterrupted, train
 from .schema import recipe_defaults
 
-__all__ = ["RunResult", "TrainingDiverged", "recipe_defaults", "train"]
+__all__ = ["RunResult", "TrainingDiverged", "TrainingInterrupted", "recipe_defaults", "train"]

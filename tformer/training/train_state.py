@@ -413,12 +413,23 @@ def check_same_model(config: dict, saved: dict, run_dir: Path) -> None:
 
 
 def check_resumable(config: dict) -> None:
-    """What ``resume`` checks before loading anything: a checkpoint to resume holds the same task and model."""
+    """What ``resume`` and ``writable_run_dir`` check before anything is loaded or written: the run directory
+    can be created and written (judged from the nearest directory that exists, creating nothing), and a
+    checkpoint to resume holds the same task and model."""
     run_dir = Path(config["out_dir"]) / config["run"]
+    where = f"out_dir={config['out_dir']!r}, run={config['run']!r}"
     try:
         found = config["resume"] and (run_dir / "latest.json").exists()
+        existing = run_dir
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
     except OSError as error:  # e.g. a name too long for the file system
-        raise ConfigError(f"out_dir={config['out_dir']!r}, run={config['run']!r}: {error.strerror or error}") from None
+        raise ConfigError(f"{where}: {error.strerror or error}") from None
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: cannot create the run directory {run_dir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: cannot write to the run directory {run_dir}: {existing} is not writable "
+                          f"(permissions or a read-only file system); make it writable or pick another out_dir")
     if found:
         check_same_model(config, read_saved_config(run_dir), run_dir)
 
