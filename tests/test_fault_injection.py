@@ -235,12 +235,14 @@ def _kill_again_and_again(tmp_path: Path, budget: float, steps: int, min_kills: 
 
 
 def test_sigkill_at_random_points_then_the_same_command_ends_bitwise_as_an_uninterrupted_run(tmp_path):
-    _kill_again_and_again(tmp_path, budget=10.0, steps=150, min_kills=4)
+    _kill_again_and_again(tmp_path, budget=10.0, steps=150, min_kills=3)
 
 
 @pytest.mark.slow
 def test_sigkill_many_times(tmp_path):
-    _kill_again_and_again(tmp_path, budget=45.0, steps=300, min_kills=20)
+    # about 20 kills on an idle 2-core machine, 19 on a slower day: the floor only guards against a loop that
+    # stopped killing (a run that trained through the budget), not against the machine's speed
+    _kill_again_and_again(tmp_path, budget=45.0, steps=300, min_kills=10)
 
 
 # --- a crash before each file operation of a save, deterministically -------------------------------------
