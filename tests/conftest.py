@@ -97,6 +97,15 @@ def covering_pairs(first, second):
     return [(first[i % len(first)], second[i % len(second)]) for i in range(n)]
 
 
+def exhaustive_except(combinations, covering):
+    """``combinations`` as pytest params: those in ``covering`` marked ``slow`` (``.ci/run`` runs them), the rest
+    ``exhaustive`` (``python -m pytest -m exhaustive``; neither the default run nor CI), for products whose
+    every combination costs too much for CI's budget but whose every entry must still be met there."""
+    covering = set(covering)
+    return [pytest.param(*c, marks=(pytest.mark.slow,) if c in covering else (pytest.mark.exhaustive,))
+            for c in combinations]
+
+
 def slow_except(combinations, fast):
     """``combinations`` as pytest params, all but those in ``fast`` marked ``slow``."""
     fast = set(fast)

@@ -235,7 +235,7 @@ def _kill_again_and_again(tmp_path: Path, budget: float, steps: int, min_kills: 
 
 
 def test_sigkill_at_random_points_then_the_same_command_ends_bitwise_as_an_uninterrupted_run(tmp_path):
-    _kill_again_and_again(tmp_path, budget=10.0, steps=150, min_kills=3)
+    _kill_again_and_again(tmp_path, budget=10.0, steps=150, min_kills=2)  # 3-4 idle, 3 with both cores busy
 
 
 @pytest.mark.slow

@@ -39,6 +39,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 240
 
 
+def _default_signals() -> None:
+    """In the child before exec: SIGINT and SIGTERM back to their default. A shell without job control starts
+    background jobs with SIGINT ignored (pytest may inherit that), and tformer, like Python, leaves an ignored
+    signal ignored, so the child would not see the signals these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tformer", "train", *TINY_LM, *args]
 
@@ -105,12 +113,13 @@ def test_sigint_then_sigterm_stop_with_a_checkpoint_and_the_run_resumes_bitwise(
     and metrics as an uninterrupted one."""
     steps, args = 120, ["train.steps=120", "log.checkpoint_every=50", f"out_dir={tmp_path}"]
     reference = subprocess.Popen(_command(*args, "run=reference"), env=ENV, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+                                 stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     run_dir = tmp_path / "run"
     session = _command(*args, "run=run")
     sessions = []
     for number, at in ((signal.SIGINT, 3), (signal.SIGTERM, 55)):
-        proc = subprocess.Popen(session, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(session, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_signals)
         _signal_after(proc, run_dir, at, number)
         code, err = _finish(proc)
         sessions.append(_assert_stopped_at_a_whole_checkpoint(run_dir, code, err, number.name, steps))
@@ -154,7 +163,7 @@ def test_signals_during_the_interruption_checkpoint_are_ignored_and_it_is_whole(
     run_dir = tmp_path / "run"
     args = [*TINY_LM, "train.steps=40", "log.checkpoint_every=4", f"out_dir={tmp_path}"]
     proc = subprocess.run([sys.executable, "-c", _SIGNALS_DURING_THE_SAVE, *args], env=ENV, capture_output=True,
-                          text=True, timeout=TIMEOUT, check=False)
+                          text=True, timeout=TIMEOUT, check=False, preexec_fn=_default_signals)
     assert proc.stderr.count("received again: still finishing the step and its checkpoint; ignored") == 2
     assert _assert_stopped_at_a_whole_checkpoint(run_dir, proc.returncode, proc.stderr, "SIGINT", 40) == 6
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "latest.json", "metrics.jsonl",
@@ -259,7 +268,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_pat
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port}
         return subprocess.Popen(_command(*args, *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=_default_signals)
 
     ranks = [start(0), start(1)]
     _signal_after(ranks[1], run_dir, 3, signal.SIGINT)
