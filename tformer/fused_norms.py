@@ -17,10 +17,7 @@ from torch.autograd.function import once_differentiable
 from . import kernels
 
 
-@kernels.constant_for_compile
-def _kernels_available() -> bool:
-    """``kernels.available()``, a constant to ``torch.compile`` (it never traces into the build and ctypes)."""
-    return kernels.available()
+_kernels_available = kernels.available
 
 
 def takes_kernel(x: Tensor, *params: Tensor | None) -> bool:

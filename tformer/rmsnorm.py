@@ -118,10 +118,7 @@ class _KernelFunction(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-@kernels.constant_for_compile
-def _kernels_available() -> bool:
-    """``kernels.available()``, a constant to ``torch.compile`` (it never traces into the build and ctypes)."""
-    return kernels.available()
+_kernels_available = kernels.available
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:

@@ -74,11 +74,6 @@ _building: threading.Event | None = None  # set when the build under way (in som
 _warned = False
 
 
-def available() -> bool:
-    """True when the C kernels are built and loaded (building them on the first call)."""
-    return status().available
-
-
 def constant_for_compile(fn):
     """``torch.compiler.assume_constant_result(fn)`` (``torch.compile`` takes ``fn()``'s result as a constant
     instead of tracing into it) without importing ``torch._dynamo``, which that function does and which costs
@@ -86,6 +81,13 @@ def constant_for_compile(fn):
     sets; tests/test_compile.py checks that the two agree, so a torch release that renames it fails there."""
     fn._dynamo_marked_constant = True
     return fn
+
+
+@constant_for_compile
+def available() -> bool:
+    """True when the C kernels are built and loaded (building them on the first call); a constant to
+    ``torch.compile``, which never traces into the build and ctypes."""
+    return status().available
 
 
 def status() -> KernelStatus:

@@ -414,24 +414,29 @@ def check_same_model(config: dict, saved: dict, run_dir: Path) -> None:
 
 def check_resumable(config: dict) -> None:
     """What ``resume`` and ``writable_run_dir`` check before anything is loaded or written: the run directory
-    can be created and written (judged from the nearest directory that exists, creating nothing), and a
-    checkpoint to resume holds the same task and model."""
+    can be created and written (``check_run_dir``), and a checkpoint to resume holds the same task and model."""
     run_dir = Path(config["out_dir"]) / config["run"]
     where = f"out_dir={config['out_dir']!r}, run={config['run']!r}"
     try:
         found = config["resume"] and (run_dir / "latest.json").exists()
-        existing = run_dir
-        while not existing.exists() and existing.parent != existing:
-            existing = existing.parent
+        check_run_dir(run_dir, where)
     except OSError as error:  # e.g. a name too long for the file system
         raise ConfigError(f"{where}: {error.strerror or error}") from None
+    if found:
+        check_same_model(config, read_saved_config(run_dir), run_dir)
+
+
+def check_run_dir(run_dir: Path, where: str) -> None:
+    """``writable_run_dir``'s check without creating or writing anything: the nearest existing directory on
+    the way to ``run_dir`` is a directory this process may write (``ConfigError`` naming ``where``'s keys)."""
+    existing = run_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{where}: cannot create the run directory {run_dir}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: cannot write to the run directory {run_dir}: {existing} is not writable "
                           f"(permissions or a read-only file system); make it writable or pick another out_dir")
-    if found:
-        check_same_model(config, read_saved_config(run_dir), run_dir)
 
 
 def _consequence(key: str, old, new, step: int) -> str:
