@@ -97,19 +97,22 @@ def covering_pairs(first, second):
     return [(first[i % len(first)], second[i % len(second)]) for i in range(n)]
 
 
+def _split(combinations, chosen, chosen_marks: tuple, other_marks: tuple) -> list:
+    """``combinations`` as pytest params: those in ``chosen`` with ``chosen_marks``, the rest with ``other_marks``."""
+    chosen = set(chosen)
+    return [pytest.param(*c, marks=chosen_marks if c in chosen else other_marks) for c in combinations]
+
+
 def exhaustive_except(combinations, covering):
     """``combinations`` as pytest params: those in ``covering`` marked ``slow`` (``.ci/run`` runs them), the rest
     ``exhaustive`` (``python -m pytest -m exhaustive``; neither the default run nor CI), for products whose
     every combination costs too much for CI's budget but whose every entry must still be met there."""
-    covering = set(covering)
-    return [pytest.param(*c, marks=(pytest.mark.slow,) if c in covering else (pytest.mark.exhaustive,))
-            for c in combinations]
+    return _split(combinations, covering, (pytest.mark.slow,), (pytest.mark.exhaustive,))
 
 
 def slow_except(combinations, fast):
     """``combinations`` as pytest params, all but those in ``fast`` marked ``slow``."""
-    fast = set(fast)
-    return [pytest.param(*c, marks=() if c in fast else (pytest.mark.slow,)) for c in combinations]
+    return _split(combinations, fast, (), (pytest.mark.slow,))
 
 
 def perturb_(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
