@@ -76,3 +76,42 @@ def test_rope_base_and_head_dim_validation():
     seq2seq = tformer.EncoderDecoder(BlockConfig(d_model=16, n_heads=2, d_ff=32, rope_base=100.0), 1, 1, 9,
                                      positions="rope")
     assert seq2seq.encoder.layers[0].attn.rope_base == 100.0 and seq2seq.decoder.layers[0].cross_attn.rope_base is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 37])
+def test_rotate_equals_the_composite_formula_bit_for_bit_forward_and_backward(dtype, offset):
+    """``rotate`` (two passes, inverse rotation as backward) against ``x * cos + rotate_half(x) * sin`` run by
+    autograd, on the strided query view attention hands it (a slice of the fused qkv projection)."""
+    torch.manual_seed(offset)
+    qkv = torch.randn(3, 7, 3 * 4 * 16, dtype=dtype)
+    q = qkv[..., : 4 * 16].view(3, 7, 4, 16)
+    assert not q.is_contiguous()
+    cos, sin = tformer.rotary.rotary_cos_sin(q, offset, 1e4)
+    grad = torch.randn(3, 7, 4, 16, dtype=dtype)
+    fused, composite = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out = tformer.rotary.rotate(fused, cos, sin)
+    expected = tformer.rotary.rotate_composite(composite, cos, sin)
+    assert torch.equal(out, expected)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(fused.grad, composite.grad)
+    with torch.no_grad():  # the route without autograd
+        assert torch.equal(tformer.rotary.rotate(q, cos, sin), expected)
+
+
+def test_rotate_gradcheck_and_its_backward_is_the_inverse_rotation():
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = tformer.rotary.rotary_cos_sin(x, 3, 100.0)
+    assert torch.autograd.gradcheck(lambda t: tformer.rotary.rotate(t, cos, sin), (x,))
+    turned = tformer.rotary.rotate(x, cos, sin)
+    (grad,) = torch.autograd.grad(turned, x, turned.detach())  # R^T (R x) = x: rotations are orthogonal
+    torch.testing.assert_close(grad, x.detach(), rtol=0, atol=1e-12)
+
+
+def test_rotate_falls_back_to_the_formula_when_cos_needs_a_gradient():
+    x = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    cos, sin = (t.clone().requires_grad_() for t in tformer.rotary.rotary_cos_sin(x, 0, 1e4))
+    tformer.rotary.rotate(x, cos, sin).sum().backward()
+    assert cos.grad is not None and sin.grad is not None
+    torch.testing.assert_close(sin.grad, tformer.rotary.rotate_half(x).sum((0, 2))[:, None], rtol=0, atol=1e-12)
