@@ -1,6 +1,6 @@
 """What rotary positions (RoPE) and grouped-query attention (GQA) cost in a tformer block's training step.
 
-    python benchmarks/modern_blocks.py            # d 512, 8 heads, ff 2048, batch 8, S 256 and 1024; ~8 minutes on 2 quiet cores
+    python benchmarks/modern_blocks.py            # d 512, 8 heads, ff 2048, batch 8, S 256 and 1024; ~4 minutes on 2 quiet cores
     python benchmarks/modern_blocks.py --quick    # batch 2, fewer repeats
     python benchmarks/modern_blocks.py --json     # machine-readable
 

@@ -1,6 +1,6 @@
 """The benchmark suite: every performance target of the project measured side by side in one run.
 
-    python benchmarks/run.py            # full suite (~15 min on 2 cores), writes BENCHMARKS.md
+    python benchmarks/run.py            # full suite (~45 min on 2 cores), writes BENCHMARKS.md
     python benchmarks/run.py --quick    # smaller shapes and fewer repeats (~5 min)
 
 Candidates run round-robin and each figure is a median, so drift on a shared machine hits all
