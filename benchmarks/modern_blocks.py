@@ -77,7 +77,7 @@ def measure_blocks(quick: bool) -> list[dict]:
     rows = []
     for seq in (256, 1024):
         batch = 2 if quick else 8
-        repeats = (5 if quick else 9) if seq == 256 else (3 if quick else 5)
+        repeats = (5 if quick else 9) if seq == 256 else (3 if quick else 7)
         torch.manual_seed(1)
         x, grad = torch.randn(batch, seq, D), torch.randn(batch, seq, D)
         for kind in ("encoder", "decoder"):
