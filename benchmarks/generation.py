@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import tformer
 from tformer.attention import MultiHeadAttention
 from tformer.models import sample_next
-from timing import add_options, medians, ratio, rounds
+from timing import add_options, medians, ratio, ratios, rounds
 
 POSITIONS = (128, 512, 1024, 2048)
 
@@ -153,13 +153,13 @@ def throughput(name: str, quick: bool, device: str) -> list[dict]:
                 "reference": run("reference", lambda: reference_generate(model, prompt, new)),
             }, repeats, lambda: sync(device))
         seconds = {key: statistics.median(t) for key, t in times.items()}
-        per_round = [h / t for h, t in zip(times["hf"], times["tformer"])]
+        per_round = ratios(times, "hf", "tformer")  # > 1: tformer faster
         tokens = batch * new
         rows.append({
             "model": name, "batch": batch, "prompt": prompt_len, "new_tokens": new,
             "tokens_per_s": {k: tokens / s for k, s in seconds.items()},
-            "vs_hf": 1 / ratio(times, "tformer", "hf"), "vs_hf_rounds": [min(per_round), max(per_round)],
-            "vs_reference": 1 / ratio(times, "tformer", "reference"),
+            "vs_hf": statistics.median(per_round), "vs_hf_rounds": [min(per_round), max(per_round)],
+            "vs_reference": ratio(times, "reference", "tformer"),
             "ids_equal_hf": torch.equal(outputs["tformer"], outputs["hf"]),
             "ids_equal_reference": torch.equal(outputs["tformer"], outputs["reference"]),
         })

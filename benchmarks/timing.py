@@ -48,9 +48,14 @@ def medians(candidates: dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(t) for name, t in rounds(candidates, repeats, sync).items()}
 
 
+def ratios(times: dict[str, list[float]], name: str, base: str) -> list[float]:
+    """``name``'s time / ``base``'s time in each round."""
+    return [a / b for a, b in zip(times[name], times[base])]
+
+
 def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
     """Median over rounds of ``name``'s time / ``base``'s time in the same round."""
-    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+    return statistics.median(ratios(times, name, base))
 
 
 def add_options(parser: argparse.ArgumentParser, *, threads: bool = True) -> argparse.ArgumentParser:

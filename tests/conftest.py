@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 
 import pytest
 import torch
@@ -113,6 +114,14 @@ def exhaustive_except(combinations, covering):
 def slow_except(combinations, fast):
     """``combinations`` as pytest params, all but those in ``fast`` marked ``slow``."""
     return _split(combinations, fast, (), (pytest.mark.slow,))
+
+
+def default_signals() -> None:
+    """``preexec_fn`` of a child the tests signal: SIGINT and SIGTERM back to their default before exec. A shell
+    without job control starts background jobs with SIGINT ignored (so CI or nohup may hand pytest that), and
+    tformer, like Python, leaves an ignored signal ignored: the child would not see the signals a test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def perturb_(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:

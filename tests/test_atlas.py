@@ -21,6 +21,8 @@ from tformer.atlas import (
 from tformer.cli import main
 from tformer.data import corpus_splits
 
+from conftest import default_signals
+
 TINY = dict(steps=3, d_model=16, n_heads=2, d_ff=32, seq_len=16, batch_size=4, eval_windows=4)
 
 
@@ -216,10 +218,7 @@ def test_ctrl_c_then_resume_through_the_command(tmp_path):
             "pre", "post", "--depths", "2", "--lrs", "1e-3", "1e-2", "--warmups", "0", "--seeds", "0", "1",
             "--steps", "40", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # a shell without job control starts background jobs with SIGINT ignored (so CI may hand us that), and Python
-    # then installs no KeyboardInterrupt handler: give the child the terminal's default, as a user's shell does
-    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_signals)
     deadline = time.time() + 120
     while len(list((out / "cells").glob("*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.1)

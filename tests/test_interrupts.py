@@ -29,6 +29,8 @@ from tformer.training import recipe_defaults, train
 from tformer.training.loop import TrainingInterrupted
 from tformer.training.run_logs import MetricsLog
 
+from conftest import default_signals
+
 TINY_LM = [
     "model.n_layers=2", "model.max_seq_len=32", "model.block.d_model=32", "model.block.n_heads=2",
     "model.block.d_ff=64", "model.block.dropout=0.1", "data.seq_len=32", "data.eval_windows=8",
@@ -37,14 +39,6 @@ TINY_LM = [
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 240
-
-
-def _default_signals() -> None:
-    """In the child before exec: SIGINT and SIGTERM back to their default. A shell without job control starts
-    background jobs with SIGINT ignored (pytest may inherit that), and tformer, like Python, leaves an ignored
-    signal ignored, so the child would not see the signals these tests send."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _command(*args: str) -> list[str]:
@@ -113,13 +107,13 @@ def test_sigint_then_sigterm_stop_with_a_checkpoint_and_the_run_resumes_bitwise(
     and metrics as an uninterrupted one."""
     steps, args = 120, ["train.steps=120", "log.checkpoint_every=50", f"out_dir={tmp_path}"]
     reference = subprocess.Popen(_command(*args, "run=reference"), env=ENV, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+                                 stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     run_dir = tmp_path / "run"
     session = _command(*args, "run=run")
     sessions = []
     for number, at in ((signal.SIGINT, 3), (signal.SIGTERM, 55)):
         proc = subprocess.Popen(session, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_default_signals)
+                                preexec_fn=default_signals)
         _signal_after(proc, run_dir, at, number)
         code, err = _finish(proc)
         sessions.append(_assert_stopped_at_a_whole_checkpoint(run_dir, code, err, number.name, steps))
@@ -163,7 +157,7 @@ def test_signals_during_the_interruption_checkpoint_are_ignored_and_it_is_whole(
     run_dir = tmp_path / "run"
     args = [*TINY_LM, "train.steps=40", "log.checkpoint_every=4", f"out_dir={tmp_path}"]
     proc = subprocess.run([sys.executable, "-c", _SIGNALS_DURING_THE_SAVE, *args], env=ENV, capture_output=True,
-                          text=True, timeout=TIMEOUT, check=False, preexec_fn=_default_signals)
+                          text=True, timeout=TIMEOUT, check=False, preexec_fn=default_signals)
     assert proc.stderr.count("received again: still finishing the step and its checkpoint; ignored") == 2
     assert _assert_stopped_at_a_whole_checkpoint(run_dir, proc.returncode, proc.stderr, "SIGINT", 40) == 6
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "latest.json", "metrics.jsonl",
@@ -268,7 +262,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_pat
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port}
         return subprocess.Popen(_command(*args, *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, preexec_fn=_default_signals)
+                                text=True, preexec_fn=default_signals)
 
     ranks = [start(0), start(1)]
     _signal_after(ranks[1], run_dir, 3, signal.SIGINT)
